@@ -1,0 +1,262 @@
+"""The segpipe command line: one sub-app per noun, no pipeline logic, heavy imports lazy."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="segpipe: label image collections with instance masks, on Ray.", no_args_is_help=True, add_completion=False)
+data_app = typer.Typer(help="Datasets: generate the synthetic shapes domain.", no_args_is_help=True)
+models_app = typer.Typer(help="The model zoo: list, show and evaluate cards.", no_args_is_help=True)
+train_app = typer.Typer(help="Train zoo models (writes weights + card).", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(models_app, name="models")
+app.add_typer(train_app, name="train")
+
+EXIT_CONFIG = 2
+
+
+def _fail(message: str, code: int = EXIT_CONFIG) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _config_error(exc: Exception) -> str:
+    """A pydantic ValidationError (or ValueError) as 'field.path: reason' lines."""
+    from pydantic import ValidationError
+
+    if isinstance(exc, ValidationError):
+        lines = []
+        for e in exc.errors():
+            loc = ".".join(str(p) for p in e["loc"]) or "(root)"
+            lines.append(f"  {loc}: {e['msg']}")
+        return "invalid config:\n" + "\n".join(lines)
+    return f"invalid config: {exc}"
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+@data_app.command("synth")
+def data_synth(
+    out: Annotated[Path, typer.Option(help="output folder (images/ + annotations.json)")],
+    n: Annotated[int, typer.Option(help="number of images")] = 100,
+    seed: Annotated[int, typer.Option(help="random seed (datasets are a pure function of it)")] = 0,
+    size: Annotated[int, typer.Option(help="image height and width, pixels")] = 256,
+) -> None:
+    """Write a synthetic COCO dataset of the shapes domain."""
+    from pydantic import ValidationError
+
+    from segpipe.data.synthetic import SynthSpec, write_dataset
+
+    try:
+        spec = SynthSpec(n=n, seed=seed, height=size, width=size)
+    except ValidationError as e:
+        _fail(_config_error(e))
+    path = write_dataset(spec, out)
+    n_ann = len(json.loads(path.read_text())["annotations"])
+    typer.echo(f"wrote {n} images, {n_ann} instances: {path}")
+
+
+# --- train ----------------------------------------------------------------------------------
+
+
+@train_app.command("maskrcnn")
+def train_maskrcnn(
+    domain: Annotated[str, typer.Option(help="training domain")] = "shapes",
+    iterations: Annotated[int, typer.Option(help="optimizer steps")] = 6000,
+    batch_size: Annotated[int, typer.Option()] = 4,
+    lr: Annotated[float, typer.Option()] = 1e-3,
+    seed: Annotated[int, typer.Option()] = 0,
+    train_n: Annotated[int, typer.Option(help="generated training images")] = 4000,
+    train_seed: Annotated[int, typer.Option()] = 1000,
+    val_n: Annotated[int, typer.Option(help="generated validation images")] = 200,
+    val_seed: Annotated[int, typer.Option(help="must differ from --train-seed")] = 9999,
+    name: Annotated[Optional[str], typer.Option(help="zoo name (default maskrcnn-<domain>)")] = None,
+    out: Annotated[Optional[str], typer.Option(help="card folder (default models/<name>)")] = None,
+    work_dir: Annotated[str, typer.Option(help="data, checkpoints, logs")] = "runs/train",
+    threads: Annotated[Optional[int], typer.Option(help="torch threads")] = None,
+) -> None:
+    """Train the small Mask R-CNN; reproduces models/maskrcnn-<domain> with the card's command."""
+    from pydantic import ValidationError
+
+    from segpipe.config import TrainConfig
+    from segpipe.train.maskrcnn import shell_command, train
+
+    try:
+        cfg = TrainConfig(
+            method="maskrcnn", domain=domain, iterations=iterations, batch_size=batch_size, lr=lr, seed=seed,
+            train_n=train_n, train_seed=train_seed, val_n=val_n, val_seed=val_seed, name=name, out=out,
+            work_dir=work_dir, threads=threads,
+        )
+    except ValidationError as e:
+        _fail(_config_error(e))
+    card = train(cfg, log=lambda m: typer.echo(m), command=shell_command(sys.argv[1:]))
+    typer.echo(f"card: {card}")
+
+
+# --- run / demo -----------------------------------------------------------------------------
+
+
+def _load_workflow_or_exit(workflow: Path, overrides: list[str]):
+    from pydantic import ValidationError
+
+    from segpipe.config import load_workflow
+
+    if not workflow.is_file():
+        _fail(f"workflow file {workflow} not found")
+    try:
+        return load_workflow(workflow, overrides)
+    except (ValidationError, ValueError) as e:
+        _fail(_config_error(e))
+
+
+def _print_summary(result, out_uri: str) -> None:
+    c = result.counts
+    typer.echo("")
+    typer.echo(f"run {result.run_id}: {result.status}" + (f" ({result.reason})" if result.reason else ""))
+    typer.echo(f"  outputs:   {out_uri}  (instances/, images/, errors/, coco/instances.json, _segpipe/run.json)")
+    typer.echo(f"  images:    {c['images']} ({c['ok']} ok, {c['errors']} errored"
+               + (": " + ", ".join(f"{k}={v}" for k, v in sorted(c["errors_by_type"].items())) if c["errors_by_type"] else "") + ")")
+    typer.echo(f"  instances: {c['instances']}")
+    typer.echo(f"  speed:     {result.images_per_s:.2f} images/s over {result.wall_s:.1f}s wall (Ray start included)")
+    if result.stage_ms:
+        typer.echo("  stage time (summed ms): " + ", ".join(f"{k}={v:.0f}" for k, v in result.stage_ms.items()))
+    if result.eval:
+        from segpipe.evaluation import format_table
+
+        typer.echo("  mask AP vs ground truth: " + format_table(result.eval).replace("\n", "\n  "))
+
+
+def _execute(cfg, run_id: Optional[str]) -> None:
+    from segpipe.modeling.zoo import WeightsError
+    from segpipe.pipeline.run import SourceEmptyError, run_workflow
+    from segpipe.sinks.writer import OutputExistsError
+
+    try:
+        result = run_workflow(cfg, run_id=run_id, progress=lambda m: typer.echo(m))
+    except (SourceEmptyError, FileNotFoundError, OutputExistsError, WeightsError) as e:
+        _fail(str(e))
+    _print_summary(result, cfg.output.uri)
+    if result.status != "complete":
+        raise typer.Exit(1)
+
+
+@app.command("run")
+def run_cmd(
+    workflow: Annotated[Path, typer.Argument(help="workflow YAML (see workflows/)")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a field: dotted.key=value (repeatable)")] = None,
+    run_id: Annotated[Optional[str], typer.Option(help="resume this run (committed shards are skipped)")] = None,
+) -> None:
+    """Run a workflow on a local embedded Ray (or pipeline.ray_address).
+
+    Example: segpipe run workflows/shapes.yaml --set source.uri=/data/imgs --set output.uri=/data/out
+    """
+    cfg = _load_workflow_or_exit(workflow, set_ or [])
+    _execute(cfg, run_id)
+
+
+DEMO_WORKFLOW = Path(__file__).resolve().parents[1] / "workflows" / "demo.yaml"
+
+
+@app.command("demo")
+def demo_cmd(
+    out: Annotated[Path, typer.Option(help="folder for the demo data and outputs")] = Path("segpipe-demo"),
+    n: Annotated[int, typer.Option(help="synthetic images to label")] = 32,
+    seed: Annotated[int, typer.Option(help="seed of the demo images (never used in training)")] = 4242,
+) -> None:
+    """Generate synthetic shapes, label them with the bundled Mask R-CNN on a local Ray, score the result."""
+    from segpipe.data.synthetic import SynthSpec, write_dataset
+    from segpipe.pipeline.run import new_run_id
+
+    data = out / "data"
+    ann = data / "annotations.json"
+    if not ann.is_file() or json.loads(ann.read_text())["info"]["spec"] != SynthSpec(n=n, seed=seed).model_dump(mode="json"):
+        typer.echo(f"generating {n} synthetic shapes images (seed {seed}) in {data}")
+        write_dataset(SynthSpec(n=n, seed=seed), data)
+    run_id = new_run_id()
+    overrides = [f"source.uri={data / 'images'}", f"output.uri={out / 'runs' / run_id}", f"eval.gt={ann}"]
+    cfg = _load_workflow_or_exit(DEMO_WORKFLOW, overrides)
+    _execute(cfg, run_id)
+
+
+# --- eval ------------------------------------------------------------------------------------
+
+
+@app.command("eval")
+def eval_cmd(
+    pred: Annotated[str, typer.Option(help="a run's output folder (or URI)")],
+    gt: Annotated[Path, typer.Option(help="COCO ground truth json")],
+    max_dets: Annotated[int, typer.Option(help="detections per image considered (pycocotools maxDets)")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """COCO segm AP, AP50, AP75 and AP per category of a run (pycocotools is the oracle)."""
+    from segpipe.evaluation import evaluate_output, format_table
+
+    if not gt.is_file():
+        _fail(f"ground truth {gt} not found")
+    try:
+        stats = evaluate_output(pred, gt, max_dets=max_dets)
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    typer.echo(json.dumps(stats) if as_json else format_table(stats))
+
+
+# --- models ----------------------------------------------------------------------------------
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Every zoo card: name, version, family, metrics."""
+    from segpipe.modeling.zoo import list_cards, load_card
+
+    for name in list_cards():
+        card, _ = load_card(name)
+        ap = next((f"AP={m.values['AP']:.3f} ({m.split.split(':')[0]})" for m in card.metrics if "AP" in m.values), "no metrics")
+        typer.echo(f"{card.version():<32} {card.family:<10} {ap}")
+
+
+@models_app.command("show")
+def models_show(name: Annotated[str, typer.Argument(help="zoo name or card path")]) -> None:
+    """A card in full, with its version."""
+    import yaml
+
+    from segpipe.modeling.zoo import load_card
+
+    try:
+        card, path = load_card(name)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    typer.echo(f"# {path}\nversion: {card.version()}")
+    typer.echo(yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False))
+
+
+@models_app.command("eval")
+def models_eval(
+    name: Annotated[str, typer.Argument(help="zoo name or card path")],
+    gt: Annotated[Path, typer.Option(help="COCO ground truth json")],
+    images: Annotated[Optional[Path], typer.Option(help="image folder (default: images/ beside the json)")] = None,
+    max_dets: Annotated[int, typer.Option()] = 100,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Evaluate one zoo model in-process on a COCO dataset (no Ray)."""
+    from segpipe.evaluation import evaluate, format_table, load_gt, predict_dataset
+    from segpipe.modeling.zoo import load_adapter
+
+    adapter, card = load_adapter(name)
+    g = load_gt(gt)
+    stats = evaluate(g, predict_dataset(adapter, g, images or gt.parent / "images"), max_dets=max_dets)
+    stats["model"] = card.version()
+    typer.echo(json.dumps(stats) if as_json else f"{card.version()}\n" + format_table(stats))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""Every pydantic model of segpipe: workflows, model cards and method parameters.
+
+All models forbid unknown keys and are validated once, at the boundary (CLI or card loading).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- workflows ----------------------------------------------------------------------------
+
+
+class SourceConfig(Strict):
+    """Where the images come from."""
+
+    uri: str = Field(description="directory path or URI (file://, s3://) to list")
+    patterns: list[str] = Field(
+        default_factory=lambda: ["*.jpg", "*.jpeg", "*.png", "*.tif", "*.tiff", "*.bmp", "*.webp"],
+        description="glob patterns matched against file names (case-insensitive)",
+    )
+    recursive: bool = True
+    max_images: int | None = Field(None, ge=1, description="take only the first N (sorted) files")
+    shard_size: int = Field(64, ge=1, description="images per committed shard")
+
+
+class DecodeConfig(Strict):
+    max_pixels: int = Field(64_000_000, ge=1, description="refuse larger images (decompression bombs)")
+    max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="refuse larger files")
+
+
+class ModelStageConfig(Strict):
+    """One model stage: a zoo card and the actor pool that hosts it."""
+
+    model: str = Field(description="zoo name (models/<name>/card.yaml) or a path to a card.yaml")
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float | Literal["auto"] = Field("auto", description="'auto' = 1 when a GPU is visible, else 0")
+    concurrency: int = Field(1, ge=1, description="actors in the pool")
+    batch_size: int = Field(4, ge=1)
+    score_threshold: float | None = Field(None, ge=0, le=1, description="override the card's threshold")
+
+    @field_validator("num_gpus")
+    @classmethod
+    def _gpus(cls, v):
+        if isinstance(v, float) and v < 0:
+            raise ValueError("num_gpus must be >= 0 or 'auto'")
+        return v
+
+
+class OutputConfig(Strict):
+    uri: str = Field(description="output directory")
+    coco: bool = True
+    min_score: float = Field(0.0, ge=0, le=1, description="drop instances scoring lower from the outputs")
+
+
+class PipelineConfig(Strict):
+    read_num_cpus: float = Field(0.5, gt=0, description="CPUs per read+decode task")
+    read_batch_size: int = Field(8, ge=1)
+    ray_address: str | None = Field(None, description="None starts an embedded local Ray")
+    ray_num_cpus: int | None = Field(None, ge=1, description="CPUs for an embedded Ray (default: all)")
+    max_error_rate: float = Field(1.0, ge=0, le=1, description="fail the run above this fraction of errored images")
+
+
+class EvalConfig(Strict):
+    gt: str | None = Field(None, description="COCO ground truth json to score the run against")
+    max_dets: int = Field(100, ge=1)
+
+
+class WorkflowConfig(Strict):
+    """A workflow file (workflows/*.yaml)."""
+
+    name: str = "segpipe"
+    source: SourceConfig
+    decode: DecodeConfig = Field(default_factory=DecodeConfig)
+    models: list[ModelStageConfig] = Field(min_length=1)
+    output: OutputConfig
+    pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @model_validator(mode="after")
+    def _one_model_for_now(self) -> "WorkflowConfig":
+        if len(self.models) > 1:
+            raise ValueError("more than one model needs the ensemble stage, which is not in this version")
+        return self
+
+    def digest(self) -> str:
+        """sha256 of the canonical JSON of the resolved config."""
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+# --- model cards --------------------------------------------------------------------------
+
+
+class Category(Strict):
+    id: int = Field(ge=1)
+    name: str
+
+
+class WeightsSpec(Strict):
+    file: str = Field(description="path relative to the card, or an absolute path / URI")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    format: Literal["safetensors"] = "safetensors"
+    dtype: Literal["float16", "float32"] = "float16"
+
+
+class TrainingRecord(Strict):
+    command: str
+    data: dict[str, Any] = Field(description="dataset generator/paths and parameters")
+    seed: int
+    iterations: int
+    batch_size: int
+    wall_time_s: float
+    hardware: str
+    log: str | None = None
+
+
+class MetricsRecord(Strict):
+    split: str = Field(description="what the metrics were measured on, e.g. 'shapes val seed=9999 n=200'")
+    command: str
+    values: dict[str, float]
+
+
+class ModelCard(Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$")
+    family: str
+    paper: str
+    builder: str
+    params: dict[str, Any] = Field(default_factory=dict)
+    categories: list[Category] = Field(min_length=1)
+    input: dict[str, Any] = Field(default_factory=dict, description="input spec: colour order, value range")
+    weights: WeightsSpec
+    training: TrainingRecord | None = None
+    metrics: list[MetricsRecord] = Field(default_factory=list)
+    license: str = "Apache-2.0"
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "ModelCard":
+        return cls.model_validate(yaml.safe_load(Path(path).read_text()))
+
+    def version(self) -> str:
+        """``<name>@<sha12>``: digest of the weights digest and the architecture parameters."""
+        h = hashlib.sha256()
+        h.update(self.weights.sha256.encode())
+        h.update(json.dumps({"builder": self.builder, "params": self.params, "categories": [c.model_dump() for c in self.categories]}, sort_keys=True).encode())
+        return f"{self.name}@{h.hexdigest()[:12]}"
+
+
+class MaskRCNNParams(Strict):
+    """Architecture of segpipe's small Mask R-CNN (torchvision detection components)."""
+
+    backbone_channels: list[int] = Field(default_factory=lambda: [32, 64, 128, 256], min_length=4, max_length=4)
+    blocks_per_stage: int = Field(1, ge=1)
+    fpn_channels: int = Field(64, ge=8)
+    anchor_sizes: list[int] = Field(default_factory=lambda: [8, 16, 32, 64, 128], min_length=5, max_length=5)
+    aspect_ratios: list[float] = Field(default_factory=lambda: [0.5, 1.0, 2.0])
+    min_size: int = Field(256, ge=32, description="short side the image is resized to")
+    max_size: int = Field(1024, ge=32, description="cap on the long side after resizing")
+    representation_size: int = Field(256, ge=16)
+    mask_head_channels: list[int] = Field(default_factory=lambda: [64, 64, 64, 64], min_length=1)
+    rpn_pre_nms_top_n_train: int = 1000
+    rpn_post_nms_top_n_train: int = 500
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_test: int = 500
+    box_batch_size_per_image: int = 256
+    box_detections_per_img: int = Field(100, ge=1)
+    box_score_thresh: float = Field(0.05, ge=0, le=1)
+    box_nms_thresh: float = Field(0.5, gt=0, le=1)
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``dotted.key=value`` overrides (value parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected dotted.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ValueError(f"--set {item!r}: empty key segment")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {item!r}: value is not valid YAML (quote it): {e}") from None
+        node: Any = data
+        for p in parts[:-1]:
+            if isinstance(node, list):
+                node = node[_list_index(p, node, key)]
+                continue
+            if p not in node or node[p] is None:
+                node[p] = {}
+            node = node[p]
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_list_index(last, node, key)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def _list_index(p: str, node: list, key: str) -> int:
+    if not p.isdigit() or int(p) >= len(node):
+        raise ValueError(f"--set {key}: {p!r} is not an index of a list of {len(node)}")
+    return int(p)
+
+
+def load_workflow(path: str | Path, overrides: list[str] | None = None) -> WorkflowConfig:
+    """Read a workflow YAML, apply overrides, validate. Raises pydantic.ValidationError / ValueError."""
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a workflow must be a mapping, got {type(data).__name__}")
+    apply_overrides(data, overrides or [])
+    return WorkflowConfig.model_validate(data)
+
+
+class TrainConfig(Strict):
+    """``segpipe train``: one method on one domain; everything a card needs to reproduce it."""
+
+    method: Literal["maskrcnn"] = "maskrcnn"
+    domain: Literal["shapes"] = "shapes"
+    name: str | None = Field(None, description="zoo name; default '<method>-<domain>'")
+    out: str | None = Field(None, description="card folder; default models/<name>")
+    work_dir: str = Field("runs/train", description="generated data, checkpoints and logs")
+    iterations: int = Field(6000, ge=1)
+    batch_size: int = Field(4, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    warmup: int = Field(300, ge=0)
+    seed: int = 0
+    train_n: int = Field(4000, ge=1)
+    train_seed: int = 1000
+    val_n: int = Field(200, ge=1)
+    val_seed: int = 9999
+    checkpoint_every: int = Field(500, ge=1)
+    threads: int | None = Field(None, ge=1)
+    params: dict[str, Any] = Field(default_factory=dict, description="architecture overrides")
+
+    @model_validator(mode="after")
+    def _seeds_apart(self) -> "TrainConfig":
+        if self.val_seed == self.train_seed:
+            raise ValueError("val_seed must differ from train_seed (validation must be unseen)")
+        return self
+
+    @property
+    def model_name(self) -> str:
+        return self.name or f"{self.method}-{self.domain}"

@@ -1,0 +1,1 @@
+"""Datasets: the synthetic shapes domain and COCO-format loaders for training."""

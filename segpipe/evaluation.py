@@ -1,0 +1,153 @@
+"""COCO mask evaluation with pycocotools as the oracle.
+
+Predictions are COCO result dicts (image_id, category_id, segmentation RLE, score); ground truth is
+a COCO instances json. Run outputs are matched to ground-truth images by file name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from segpipe.structures import Instances
+
+STAT_NAMES = ["AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "ARmax", "ARs", "ARm", "ARl"]
+
+
+def instances_to_results(image_id: int, inst: Instances) -> list[dict]:
+    """One image's Instances -> COCO result dicts (segmentation = RLE with str counts)."""
+    return [
+        {
+            "image_id": int(image_id),
+            "category_id": int(inst.labels[i]),
+            "segmentation": inst.masks[i],
+            "score": float(inst.scores[i]),
+        }
+        for i in range(len(inst))
+    ]
+
+
+def load_gt(gt: str | Path | dict) -> COCO:
+    coco = COCO()
+    coco.dataset = json.loads(Path(gt).read_text()) if not isinstance(gt, dict) else gt
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def evaluate(gt: COCO, results: list[dict], *, max_dets: int = 100, image_ids: Iterable[int] | None = None) -> dict:
+    """COCO segm metrics of ``results`` against ``gt``.
+
+    Returns {"AP", "AP50", ..., "ARmax" (recall at ``max_dets``), "per_category": {name: AP},
+    "n_images", "n_predictions", "max_dets"}. AP values are in [0, 1]; -1 means undefined.
+    """
+    ids = sorted(gt.getImgIds() if image_ids is None else set(image_ids))
+    results = [r for r in results if r["image_id"] in set(ids)]
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = gt.loadRes([dict(r) for r in results]) if results else _empty_res(gt)
+        ev = COCOeval(gt, dt, iouType="segm")
+        ev.params.imgIds = ids
+        ev.params.maxDets = [1, 10, max_dets]
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    stats = {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
+    # precision: [T, R, K, A, M]; area 'all' = 0, maxDets index 2 (= max_dets)
+    prec = ev.eval["precision"][:, :, :, 0, 2]
+    per_cat = {}
+    for k, cid in enumerate(ev.params.catIds):
+        p = prec[:, :, k]
+        p = p[p > -1]
+        per_cat[gt.cats[cid]["name"]] = float(p.mean()) if p.size else -1.0
+    stats.update(per_category=per_cat, n_images=len(ids), n_predictions=len(results), max_dets=max_dets)
+    return stats
+
+
+def _empty_res(gt: COCO) -> COCO:
+    res = COCO()
+    res.dataset = {"images": list(gt.dataset["images"]), "annotations": [], "categories": list(gt.dataset["categories"])}
+    res.createIndex()
+    return res
+
+
+def remap_to_gt(gt: COCO, pred_coco: dict) -> tuple[list[dict], list[int]]:
+    """Re-key a predicted COCO dataset's annotations onto ``gt``'s image ids by file name.
+
+    Returns (results, matched gt image ids). Predicted images absent from ``gt`` are ignored.
+    """
+    by_name = {Path(im["file_name"]).name: im["id"] for im in gt.dataset["images"]}
+    id_map = {}
+    for im in pred_coco["images"]:
+        gid = by_name.get(Path(im["file_name"]).name)
+        if gid is not None:
+            id_map[im["id"]] = gid
+    results = []
+    for a in pred_coco["annotations"]:
+        if a["image_id"] in id_map:
+            results.append(
+                {"image_id": id_map[a["image_id"]], "category_id": a["category_id"], "segmentation": a["segmentation"], "score": a.get("score", 1.0)}
+            )
+    return results, sorted(set(id_map.values()))
+
+
+def format_table(stats: dict) -> str:
+    lines = [f"segm (maxDets={stats['max_dets']}, {stats['n_images']} images, {stats['n_predictions']} predictions)"]
+    lines.append("  " + "  ".join(f"{k}={stats[k]:.3f}" for k in ["AP", "AP50", "AP75", "APs", "APm", "APl", "ARmax"]))
+    for name, ap in stats["per_category"].items():
+        lines.append(f"  AP[{name}] = {ap:.3f}")
+    return "\n".join(lines)
+
+
+def predict_dataset(adapter, gt: COCO, image_dir: str | Path, *, batch_size: int = 4) -> list[dict]:
+    """Run an adapter in-process over every gt image (for training-time validation)."""
+    from PIL import Image
+
+    results: list[dict] = []
+    infos = [gt.imgs[i] for i in sorted(gt.getImgIds())]
+    for s in range(0, len(infos), batch_size):
+        chunk = infos[s : s + batch_size]
+        imgs = [np.asarray(Image.open(Path(image_dir) / im["file_name"]).convert("RGB")) for im in chunk]
+        for im, inst in zip(chunk, adapter.predict(imgs)):
+            results.extend(instances_to_results(im["id"], inst))
+    return results
+
+
+def output_results(output_uri: str) -> tuple[list[dict], list[dict]]:
+    """A run output's committed (images with status ok, instance results) as COCO-style dicts."""
+    from segpipe.sinks.writer import read_committed
+
+    images = [r for r in read_committed(output_uri, "images").to_pylist() if r["status"] == "ok"]
+    inst = read_committed(output_uri, "instances").to_pylist()
+    results = [
+        {
+            "image_id": r["image_id"],
+            "category_id": r["category_id"],
+            "segmentation": {"size": [r["mask_height"], r["mask_width"]], "counts": r["mask_rle"]},
+            "score": r["score"],
+        }
+        for r in inst
+    ]
+    return images, results
+
+
+def evaluate_output(output_uri: str, gt_path: str | Path, *, max_dets: int = 100) -> dict:
+    """Score a run output against a COCO ground truth; images are matched by file name.
+
+    Only ground-truth images that the run processed successfully are scored; how many GT images
+    were matched is reported as ``n_images`` (and ``n_gt_images``)."""
+    gt = load_gt(gt_path)
+    images, results = output_results(output_uri)
+    pred = {"images": [{"id": im["image_id"], "file_name": im["relpath"]} for im in images], "annotations": results}
+    remapped, ids = remap_to_gt(gt, pred)
+    if not ids:
+        raise ValueError(f"no image of {output_uri} matches a file name in {gt_path}")
+    stats = evaluate(gt, remapped, max_dets=max_dets, image_ids=ids)
+    stats["n_gt_images"] = len(gt.getImgIds())
+    return stats

@@ -1,0 +1,1 @@
+"""Filesystems (fsspec, injected), listing and sharding, image decoding."""

@@ -1,0 +1,21 @@
+"""Filesystem resolution through fsspec. Filesystems are created per call and passed in, never global."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+
+
+def resolve(uri: str, **options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``uri`` (a local path, file://, s3://, ...) -> (filesystem, path within it)."""
+    return url_to_fs(uri, **options)
+
+
+def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """A filesystem path back to a URI that ``resolve`` understands (local paths stay absolute paths)."""
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    if protocol in ("file", "local"):
+        return path
+    return fs.unstrip_protocol(path)

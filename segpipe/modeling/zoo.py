@@ -1,0 +1,77 @@
+"""The model zoo: find cards, verify weights, compute versions, build loaded adapters."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from segpipe.config import ModelCard
+from segpipe.modeling.base import ModelAdapter
+from segpipe.modeling.registry import get_builder
+
+DEFAULT_ZOO = Path(__file__).resolve().parents[2] / "models"
+
+
+class WeightsError(RuntimeError):
+    """Weights missing, or their digest differs from the card's."""
+
+
+def card_path(ref: str, zoo: Path = DEFAULT_ZOO) -> Path:
+    """A zoo name (``models/<name>/card.yaml``) or a path to a card file -> the card's path."""
+    p = Path(ref)
+    if p.suffix in (".yaml", ".yml"):
+        if not p.is_file():
+            raise FileNotFoundError(f"model card {ref!r} not found")
+        return p
+    p = zoo / ref / "card.yaml"
+    if not p.is_file():
+        known = ", ".join(list_cards(zoo)) or "none"
+        raise FileNotFoundError(f"no zoo model {ref!r} (looked for {p}); known: {known}")
+    return p
+
+
+def list_cards(zoo: Path = DEFAULT_ZOO) -> list[str]:
+    return sorted(p.parent.name for p in zoo.glob("*/card.yaml"))
+
+
+def load_card(ref: str, zoo: Path = DEFAULT_ZOO) -> tuple[ModelCard, Path]:
+    path = card_path(ref, zoo)
+    return ModelCard.from_yaml(path), path
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_path(card: ModelCard, card_file: Path) -> Path:
+    p = Path(card.weights.file)
+    return p if p.is_absolute() else card_file.parent / p
+
+
+def load_adapter(ref: str, *, device: str = "cpu", zoo: Path = DEFAULT_ZOO) -> tuple[ModelAdapter, ModelCard]:
+    """Build the card's network, load and verify its weights, move to ``device``, eval mode."""
+    card, path = load_card(ref, zoo)
+    wpath = weights_path(card, path)
+    if not wpath.is_file():
+        raise WeightsError(f"{card.name}: weights file {wpath} is missing")
+    digest = sha256_file(wpath)
+    if digest != card.weights.sha256:
+        raise WeightsError(f"{card.name}: weights sha256 {digest[:12]}... does not match the card's {card.weights.sha256[:12]}...; refusing to load")
+    adapter = get_builder(card.builder)(card)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(wpath)).items()}
+    adapter.network.load_state_dict(state, strict=True)
+    return adapter.to(device).eval(), card
+
+
+def save_weights(network: torch.nn.Module, path: str | Path, dtype: torch.dtype = torch.float16) -> str:
+    """Write a state dict as safetensors (floating tensors cast to ``dtype``); returns its sha256."""
+    state = {k: (v.detach().to(dtype) if v.is_floating_point() else v.detach()).contiguous().cpu() for k, v in network.state_dict().items()}
+    save_file(state, str(path))
+    return sha256_file(path)

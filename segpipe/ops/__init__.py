@@ -1,0 +1,1 @@
+"""Pure mask, box and RLE math: no I/O, no Ray."""

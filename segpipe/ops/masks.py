@@ -1,0 +1,177 @@
+"""Pure mask and RLE math.
+
+RLEs are COCO compressed RLE dicts ``{"size": [H, W], "counts": bytes|str}`` (pycocotools order:
+column-major runs, starting with a run of zeros). Soft masks are probabilities in a box frame.
+Nothing here allocates a dense full-frame array per instance except the explicit ``decode``.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pycocotools import mask as mask_utils
+
+from segpipe.ops.shapes import check_shape
+
+RLE = dict
+
+
+def encode(masks: np.ndarray) -> list[RLE]:
+    """Dense binary masks [N, H, W] -> N compressed RLEs (``counts`` as str)."""
+    check_shape(masks, ["N", "H", "W"], "masks")
+    if masks.shape[0] == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
+    return [_as_str(r) for r in rles]
+
+
+def decode(rles: Sequence[RLE]) -> np.ndarray:
+    """N RLEs -> dense uint8 [N, H, W] (0/1). Empty input needs no size: returns [0, 0, 0]."""
+    if len(rles) == 0:
+        return np.zeros((0, 0, 0), dtype=np.uint8)
+    dense = mask_utils.decode([_as_bytes(r) for r in rles])
+    return np.ascontiguousarray(dense.transpose(2, 0, 1))
+
+
+def encode_local(local: np.ndarray, x0: int, y0: int, height: int, width: int) -> RLE:
+    """Encode a binary mask given only inside a box, as a full-frame RLE.
+
+    ``local`` is [h, w] bool placed with its top-left pixel at (``x0``, ``y0``) in an image of
+    ``height`` x ``width``; parts falling outside the image are cut. Cost is O(h*w + W), never
+    O(H*W), so it suits many small instances on a huge image.
+    """
+    check_shape(local, ["h", "w"], "local")
+    local = local.astype(bool)
+    # Cut to the image.
+    ys0, xs0 = max(0, -y0), max(0, -x0)
+    ys1 = min(local.shape[0], height - y0)
+    xs1 = min(local.shape[1], width - x0)
+    if ys1 <= ys0 or xs1 <= xs0:
+        return _from_runs(np.zeros((0,), np.int64), np.zeros((0,), np.int64), height, width)
+    local = local[ys0:ys1, xs0:xs1]
+    x0, y0 = x0 + xs0, y0 + ys0
+    h, w = local.shape
+    # Transitions down each column (column-major = transpose then row-major).
+    padded = np.zeros((w, h + 2), dtype=np.int8)
+    padded[:, 1:-1] = local.T
+    diff = np.diff(padded, axis=1)  # [w, h+1]
+    col_s, row_s = np.nonzero(diff == 1)
+    col_e, row_e = np.nonzero(diff == -1)
+    starts = (x0 + col_s).astype(np.int64) * height + (y0 + row_s)
+    ends = (x0 + col_e).astype(np.int64) * height + (y0 + row_e)
+    return _from_runs(starts, ends, height, width)
+
+
+def _from_runs(starts: np.ndarray, ends: np.ndarray, height: int, width: int) -> RLE:
+    """Sorted half-open 1-runs [starts[i], ends[i]) in column-major order -> compressed RLE."""
+    if len(starts):
+        # Merge runs that touch across a column boundary (box spanning the full height).
+        keep = np.ones(len(starts), dtype=bool)
+        keep[1:] = starts[1:] != ends[:-1]
+        new_starts = starts[keep]
+        new_ends = ends[np.r_[keep[1:], True]]
+        starts, ends = new_starts, new_ends
+    bounds = np.empty(2 * len(starts) + 2, dtype=np.int64)
+    bounds[0] = 0
+    bounds[1:-1:2] = starts
+    bounds[2:-1:2] = ends
+    bounds[-1] = height * width
+    counts = np.diff(bounds).astype(np.uint32)
+    if len(counts) > 1 and counts[-1] == 0:
+        counts = counts[:-1]  # a mask ending in a 1-run has no trailing zero count (as pycocotools)
+    rle = mask_utils.frPyObjects({"size": [height, width], "counts": counts.tolist()}, height, width)
+    return _as_str(rle)
+
+
+def area(rles: Sequence[RLE]) -> np.ndarray:
+    """N RLEs -> [N] pixel counts (int64)."""
+    if len(rles) == 0:
+        return np.zeros((0,), np.int64)
+    return np.asarray(mask_utils.area([_as_bytes(r) for r in rles]), dtype=np.int64).reshape(-1)
+
+
+def to_bbox(rles: Sequence[RLE]) -> np.ndarray:
+    """N RLEs -> [N, 4] tight COCO xywh boxes (float32); an empty mask gives zeros."""
+    if len(rles) == 0:
+        return np.zeros((0, 4), np.float32)
+    return np.asarray(mask_utils.toBbox([_as_bytes(r) for r in rles]), dtype=np.float32).reshape(-1, 4)
+
+
+def iou(a: Sequence[RLE], b: Sequence[RLE]) -> np.ndarray:
+    """Pairwise mask IoU of N and M RLEs (same size) -> [N, M] float64."""
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros((len(a), len(b)), np.float64)
+    out = mask_utils.iou([_as_bytes(r) for r in a], [_as_bytes(r) for r in b], [0] * len(b))
+    return np.asarray(out, dtype=np.float64).reshape(len(a), len(b))
+
+
+def paste_soft_mask(
+    probs: np.ndarray, box_xyxy: Sequence[float], height: int, width: int, threshold: float = 0.5
+) -> RLE:
+    """Resample an [S, S] box-frame probability map into its box and threshold it -> full-frame RLE.
+
+    The map's pixel grid spans the box exactly (pixel centres at the box's S x S cell centres).
+    Only pixels whose centres lie inside the box are filled, so a fractional box never grows.
+    """
+    check_shape(probs, ["S", "S"], "probs")
+    x0, y0, x1, y1 = (float(v) for v in box_xyxy)
+    # Pixels whose centres (i + 0.5) lie inside [x0, x1): i in [ceil(x0 - 0.5), ceil(x1 - 0.5)).
+    ix0, iy0 = int(np.ceil(x0 - 0.5)), int(np.ceil(y0 - 0.5))
+    ix1, iy1 = int(np.ceil(x1 - 0.5)), int(np.ceil(y1 - 0.5))
+    ix0, iy0 = max(ix0, 0), max(iy0, 0)
+    ix1, iy1 = min(ix1, width), min(iy1, height)
+    if ix1 <= ix0 or iy1 <= iy0 or x1 <= x0 or y1 <= y0:
+        return encode_local(np.zeros((0, 0), bool), 0, 0, height, width)
+    local = resample_box_frame(probs, (x0, y0, x1, y1), (ix0, iy0, ix1, iy1)) >= threshold
+    return encode_local(local, ix0, iy0, height, width)
+
+
+def resample_box_frame(
+    probs: np.ndarray, box_xyxy: Sequence[float], region_xyxy: Sequence[int]
+) -> np.ndarray:
+    """Bilinearly sample an [S, S] box-frame map at the pixel centres of an integer region.
+
+    ``box_xyxy`` is the (float) box the map spans; ``region_xyxy`` the integer pixel window to fill.
+    Returns float32 [region h, region w]; points outside the box read the border value.
+    """
+    x0, y0, x1, y1 = box_xyxy
+    rx0, ry0, rx1, ry1 = region_xyxy
+    xs = (np.arange(rx0, rx1) + 0.5 - x0) / max(x1 - x0, 1e-6) * 2 - 1  # [-1, 1] over the box
+    ys = (np.arange(ry0, ry1) + 0.5 - y0) / max(y1 - y0, 1e-6) * 2 - 1
+    gy, gx = np.meshgrid(ys, xs, indexing="ij")
+    grid = torch.from_numpy(np.stack([gx, gy], axis=-1)[None].astype(np.float32))
+    src = torch.from_numpy(probs.astype(np.float32))[None, None]
+    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out[0, 0].numpy()
+
+
+def crop_to_box_frame(mask: np.ndarray, box_xyxy: Sequence[float], size: int = 28) -> np.ndarray:
+    """Sample a dense [H, W] mask into an [size, size] float map spanning ``box_xyxy``."""
+    check_shape(mask, ["H", "W"], "mask")
+    h, w = mask.shape
+    x0, y0, x1, y1 = box_xyxy
+    cx = x0 + (np.arange(size) + 0.5) * (x1 - x0) / size
+    cy = y0 + (np.arange(size) + 0.5) * (y1 - y0) / size
+    gx = cx / w * 2 - 1
+    gy = cy / h * 2 - 1
+    yy, xx = np.meshgrid(gy, gx, indexing="ij")
+    grid = torch.from_numpy(np.stack([xx, yy], axis=-1)[None].astype(np.float32))
+    src = torch.from_numpy(mask.astype(np.float32))[None, None]
+    return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0, 0].numpy()
+
+
+def _as_str(rle: RLE) -> RLE:
+    counts = rle["counts"]
+    if isinstance(counts, bytes):
+        counts = counts.decode("ascii")
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts}
+
+
+def _as_bytes(rle: RLE) -> RLE:
+    counts = rle["counts"]
+    if isinstance(counts, str):
+        counts = counts.encode("ascii")
+    return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts}

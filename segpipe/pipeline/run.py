@@ -1,0 +1,277 @@
+"""Compose and execute a workflow on Ray Data: list -> read+decode -> model actors -> sinks.
+
+The driver consumes the stream and commits each shard as soon as all its rows have arrived, so
+memory is bounded by the pipeline window plus one shard of predictions, not by the dataset.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Callable
+
+from segpipe.config import ModelCard, WorkflowConfig
+from segpipe.io.listing import SourceFile, as_rows, fingerprint, list_source
+
+Progress = Callable[[str], None]
+
+
+class SourceEmptyError(ValueError):
+    """The source matched no files."""
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    output_uri: str
+    status: str  # 'complete' or 'failed'
+    counts: dict
+    wall_s: float
+    images_per_s: float
+    stage_ms: dict
+    eval: dict | None = None
+    reason: str | None = None
+    skipped_shards: list[int] = field(default_factory=list)
+
+
+def new_run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
+
+
+@dataclass
+class _Model:
+    ref: str
+    card: ModelCard
+    version: str
+
+
+def _load_models(cfg: WorkflowConfig) -> list[_Model]:
+    """Resolve every card and verify its weights on the driver: a bad zoo entry fails before Ray starts."""
+    from segpipe.modeling.zoo import load_card, sha256_file, weights_path, WeightsError
+
+    out = []
+    for m in cfg.models:
+        card, path = load_card(m.model)
+        w = weights_path(card, path)
+        if not w.is_file() or sha256_file(w) != card.weights.sha256:
+            raise WeightsError(f"model {card.name}: weights {w} missing or not matching the card's sha256")
+        out.append(_Model(ref=str(path), card=card, version=card.version()))
+    return out
+
+
+def _init_ray(cfg: WorkflowConfig) -> bool:
+    """Start an embedded Ray unless one is already up (or connect to ``ray_address``). Returns True if started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    kwargs = dict(include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False, ignore_reinit_error=True)
+    if cfg.pipeline.ray_address:
+        ray.init(address=cfg.pipeline.ray_address, **kwargs)
+    else:
+        ray.init(num_cpus=cfg.pipeline.ray_num_cpus, **kwargs)
+    return True
+
+
+def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Progress = print) -> RunResult:
+    """Run ``cfg`` end to end; resumes when ``run_id`` names a run already in ``output.uri``."""
+    import ray
+
+    from segpipe.provenance.manifest import code, environment
+    from segpipe.sinks.coco import write_coco
+    from segpipe.sinks.writer import RunWriter
+
+    started = datetime.now(timezone.utc)
+    t0 = time.perf_counter()
+    run_id = run_id or new_run_id()
+    models = _load_models(cfg)
+    files = list_source(cfg.source.uri, patterns=cfg.source.patterns, recursive=cfg.source.recursive,
+                        max_images=cfg.source.max_images, shard_size=cfg.source.shard_size)
+    if not files:
+        raise SourceEmptyError(f"source {cfg.source.uri!r} has no files matching {cfg.source.patterns}")
+    writer = RunWriter(cfg.output.uri, run_id)
+    committed = writer.start()
+    todo = [f for f in files if f.shard not in committed]
+    expected: dict[int, int] = defaultdict(int)
+    for f in todo:
+        expected[f.shard] += 1
+    n_shards = len({f.shard for f in files})
+    progress(f"run {run_id}: {len(files)} images in {n_shards} shards from {cfg.source.uri}"
+             + (f" ({len(committed)} shards already committed, resuming)" if committed else ""))
+    progress("models: " + ", ".join(m.version for m in models))
+
+    started_ray = _init_ray(cfg)
+    try:
+        has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        device_kind = "cuda" if has_gpu else "cpu"
+        stage_ms: dict[str, float] = defaultdict(float)
+        if todo:
+            ds = _build_dataset(cfg, models, todo, has_gpu)
+            _consume(cfg, ds, writer, run_id, models, files, expected, stage_ms, progress, t0)
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if started_ray:
+            ray.shutdown()
+
+    markers = writer_markers(writer)
+    counts = _totals(markers)
+    processed_now = sum(int(mk["counts"]["images"]) for s, mk in markers.items() if s not in committed)
+    cats = [c.model_dump() for c in models[0].card.categories]
+    coco_counts = write_coco(writer, cats) if cfg.output.coco else None
+    wall = time.perf_counter() - t0
+    error_rate = counts["errors"] / max(counts["images"], 1)
+    status, reason = "complete", None
+    if error_rate > cfg.pipeline.max_error_rate:
+        status = "failed"
+        reason = f"error rate {error_rate:.3f} exceeds pipeline.max_error_rate={cfg.pipeline.max_error_rate}"
+    eval_stats = _evaluate(cfg, writer) if cfg.eval.gt else None
+    result = RunResult(
+        run_id=run_id, output_uri=cfg.output.uri, status=status, counts=counts, wall_s=wall,
+        images_per_s=processed_now / wall if wall > 0 else 0.0, stage_ms=dict(stage_ms),
+        eval=eval_stats, reason=reason, skipped_shards=sorted(committed),
+    )
+    manifest = {
+        "run_id": run_id,
+        "status": status,
+        "reason": reason,
+        "started": started.isoformat(),
+        "ended": datetime.now(timezone.utc).isoformat(),
+        "wall_s": round(wall, 3),
+        "workflow": {"config": cfg.model_dump(mode="json"), "sha256": cfg.digest()},
+        "code": code(),
+        "environment": environment(device_kind),
+        "models": [{"name": m.card.name, "version": m.version, "card": m.card.model_dump(mode="json")} for m in models],
+        "input": {"uri": cfg.source.uri, "n_files": len(files), "fingerprint": fingerprint(files), "n_shards": n_shards},
+        "counts": counts,
+        "timings_ms": {k: round(v, 1) for k, v in stage_ms.items()},
+        "images_per_s": round(result.images_per_s, 3),
+        "shards": sorted(markers),
+        "resumed_shards": sorted(committed),
+        "outputs": {"tables": ["instances", "images", "errors"], "coco": "coco/instances.json" if coco_counts else None},
+        "eval": eval_stats,
+    }
+    writer.finish(manifest)
+    return result
+
+
+def writer_markers(writer) -> dict[int, dict]:
+    from segpipe.sinks.writer import read_markers
+
+    return read_markers(writer.fs, writer.root)
+
+
+def _totals(markers: dict[int, dict]) -> dict:
+    keys = ("images", "ok", "errors", "instances")
+    out = {k: sum(int(m["counts"][k]) for m in markers.values()) for k in keys}
+    by_type: dict[str, int] = defaultdict(int)
+    for m in markers.values():
+        for k, v in m["counts"].get("errors_by_type", {}).items():
+            by_type[k] += v
+    out["errors_by_type"] = dict(by_type)
+    return out
+
+
+def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceFile], has_gpu: bool):
+    import ray
+
+    from segpipe.pipeline.stages import ModelStage, read_decode
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = True
+    ctx.enable_progress_bars = False
+    rows = as_rows(todo)
+    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 200)))
+    ds = ds.map_batches(
+        read_decode,
+        fn_kwargs={"max_pixels": cfg.decode.max_pixels, "max_bytes": cfg.decode.max_bytes},
+        batch_size=cfg.pipeline.read_batch_size,
+        num_cpus=cfg.pipeline.read_num_cpus,
+        batch_format="numpy",
+    )
+    for k, (stage_cfg, m) in enumerate(zip(cfg.models, models)):
+        gpus = stage_cfg.num_gpus
+        n_gpus = (1.0 if has_gpu else 0.0) if gpus == "auto" else float(gpus)
+        ds = ds.map_batches(
+            ModelStage,
+            fn_constructor_kwargs={
+                "model_ref": m.ref,
+                "model_name": m.card.name,
+                "use_gpu": n_gpus > 0,
+                "num_threads": int(stage_cfg.num_cpus),
+                "score_threshold": stage_cfg.score_threshold,
+                "keep_image": k < len(models) - 1,
+            },
+            compute=ray.data.ActorPoolStrategy(size=stage_cfg.concurrency),
+            batch_size=stage_cfg.batch_size,
+            num_cpus=stage_cfg.num_cpus,
+            num_gpus=n_gpus,
+            batch_format="numpy",
+        )
+    return ds
+
+
+def _consume(cfg, ds, writer, run_id, models, files, expected, stage_ms, progress, t0) -> None:
+    """Drain the stream; commit each shard when its last row arrives."""
+    from segpipe.sinks.tables import instance_rows, to_table
+    from segpipe.structures import Instances
+
+    m = models[0]
+    names = {c.id: c.name for c in m.card.categories}
+    pending: dict[int, dict[str, list]] = defaultdict(lambda: {"instances": [], "images": [], "errors": []})
+    seen: dict[int, int] = defaultdict(int)
+    total = sum(expected.values())
+    done = 0
+    for row in ds.iter_rows():
+        shard = int(row["shard"])
+        tables = pending[shard]
+        ok = not row["error_type"]
+        n_inst = 0
+        stage_ms["read"] += float(row["ms:read"])
+        stage_ms[m.card.name] += float(row[f"ms:{m.card.name}"])
+        if ok:
+            inst = Instances.from_bytes(row[f"pred:{m.card.name}"])
+            rows = instance_rows(inst, run_id=run_id, image_id=int(row["image_id"]), image_uri=row["uri"],
+                                 model=m.card.name, model_version=m.version, category_names=names,
+                                 min_score=cfg.output.min_score)
+            tables["instances"].extend(rows)
+            n_inst = len(rows)
+        else:
+            tables["errors"].append({"run_id": run_id, "image_id": int(row["image_id"]), "uri": row["uri"],
+                                     "stage": row["error_stage"], "error_type": row["error_type"], "message": row["error_message"]})
+        tables["images"].append({
+            "run_id": run_id, "image_id": int(row["image_id"]), "uri": row["uri"], "relpath": row["relpath"],
+            "width": int(row["width"]) if ok else None, "height": int(row["height"]) if ok else None,
+            "sha256": row["sha256"] or None, "size_bytes": int(row["size"]), "source_tag": row["tag"],
+            "status": "ok" if ok else "error", "n_instances": n_inst, "shard": shard,
+        })
+        seen[shard] += 1
+        if seen[shard] == expected[shard]:
+            t = pending.pop(shard)
+            errs = defaultdict(int)
+            for e in t["errors"]:
+                errs[e["error_type"]] += 1
+            counts = {"images": len(t["images"]), "ok": len(t["images"]) - len(t["errors"]), "errors": len(t["errors"]),
+                      "instances": len(t["instances"]), "errors_by_type": dict(errs)}
+            tw = time.perf_counter()
+            writer.write_shard(shard, {k: to_table(k, v) for k, v in t.items()}, {"counts": counts})
+            stage_ms["write"] += (time.perf_counter() - tw) * 1000
+            done += counts["images"]
+            el = time.perf_counter() - t0
+            rate = done / el if el > 0 else 0.0
+            eta = (total - done) / rate if rate > 0 else 0.0
+            progress(f"[{done}/{total}] shard {shard} committed: {counts['ok']} ok, {counts['errors']} errors, "
+                     f"{counts['instances']} instances | {rate:.1f} img/s, ETA {eta:.0f}s")
+    if pending:
+        raise RuntimeError(f"stream ended with incomplete shards {sorted(pending)}")
+
+
+def _evaluate(cfg: WorkflowConfig, writer) -> dict:
+    from segpipe.evaluation import evaluate_output
+
+    return evaluate_output(cfg.output.uri, cfg.eval.gt, max_dets=cfg.eval.max_dets)

@@ -1,0 +1,123 @@
+"""Ray Data UDFs. Each takes and returns a batch dict of numpy columns; no global state.
+
+Rows carry the listing columns (uri, image_id, relpath, size, tag, index, shard), then
+``sha256``, ``width``, ``height``, ``image`` (uint8 [H, W, 3]; [0, 0, 3] on error), the error
+columns ``error_stage``/``error_type``/``error_message`` ('' when ok), and per model
+``pred:<model>`` (Instances.to_bytes(); b'' when not predicted) and ``ms:<model>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EMPTY_IMAGE = np.zeros((0, 0, 3), np.uint8)
+
+
+def _object_array(items: list) -> np.ndarray:
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr
+
+
+def read_decode(batch: dict[str, np.ndarray], *, max_pixels: int, max_bytes: int, storage_options: dict | None = None) -> dict[str, Any]:
+    """Read each ``uri`` through fsspec and decode it; failures become error columns, never raise."""
+    from segpipe.io.decode import DecodeError, decode_image
+    from segpipe.io.fs import resolve
+
+    n = len(batch["uri"])
+    images, shas, widths, heights = [], [], [], []
+    e_stage, e_type, e_msg = [], [], []
+    read_ms = []
+    for i in range(n):
+        uri = str(batch["uri"][i])
+        t = time.perf_counter()
+        img, sha, err = EMPTY_IMAGE, "", ("", "", "")
+        try:
+            fs, path = resolve(uri, **(storage_options or {}))
+            size = fs.size(path)
+            if size is not None and size > max_bytes:
+                raise DecodeError("too_large", f"{size} bytes exceeds max_bytes={max_bytes}")
+            data = fs.cat_file(path)
+            sha = hashlib.sha256(data).hexdigest()
+            img = decode_image(data, max_pixels=max_pixels)
+        except DecodeError as e:
+            err = ("decode", e.error_type, str(e))
+        except Exception as e:  # noqa: BLE001 - a bad input must become an error record
+            err = ("read", type(e).__name__, str(e)[:2000])
+        images.append(img)
+        shas.append(sha)
+        heights.append(int(img.shape[0]))
+        widths.append(int(img.shape[1]))
+        e_stage.append(err[0])
+        e_type.append(err[1])
+        e_msg.append(err[2])
+        read_ms.append((time.perf_counter() - t) * 1000)
+    out = {k: batch[k] for k in batch}
+    out.update(
+        image=_object_array(images),
+        sha256=np.asarray(shas, dtype=object),
+        width=np.asarray(widths, np.int32),
+        height=np.asarray(heights, np.int32),
+        error_stage=np.asarray(e_stage, dtype=object),
+        error_type=np.asarray(e_type, dtype=object),
+        error_message=np.asarray(e_msg, dtype=object),
+    )
+    out["ms:read"] = np.asarray(read_ms, np.float64)
+    return out
+
+
+class ModelStage:
+    """An actor hosting one zoo model: weights loaded once in ``__init__``.
+
+    ``keep_image`` False drops the decoded image column after this stage (the last model stage),
+    so only predictions travel on to the sinks.
+    """
+
+    def __init__(self, *, model_ref: str, model_name: str, use_gpu: bool, num_threads: int,
+                 score_threshold: float | None, keep_image: bool, zoo_dir: str | None = None) -> None:
+        import torch
+
+        from segpipe.modeling.zoo import DEFAULT_ZOO, load_adapter
+
+        torch.set_num_threads(max(1, num_threads))
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.adapter, self.card = load_adapter(model_ref, device=device, zoo=DEFAULT_ZOO if zoo_dir is None else Path(zoo_dir))
+        if score_threshold is not None:
+            self.adapter.set_score_threshold(score_threshold)
+        self.name = model_name
+        self.keep_image = keep_image
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        n = len(batch["uri"])
+        ok = [i for i in range(n) if not batch["error_type"][i]]
+        preds = [b""] * n
+        ms = np.zeros(n, np.float64)
+        e_stage, e_type, e_msg = list(batch["error_stage"]), list(batch["error_type"]), list(batch["error_message"])
+        if ok:
+            t = time.perf_counter()
+            try:
+                results = self.adapter.predict([batch["image"][i] for i in ok])
+                per = (time.perf_counter() - t) * 1000 / len(ok)
+                for i, inst in zip(ok, results):
+                    preds[i] = inst.to_bytes()
+                    ms[i] = per
+            except Exception:  # noqa: BLE001 - isolate the failing image, keep the others
+                for i in ok:
+                    t1 = time.perf_counter()
+                    try:
+                        preds[i] = self.adapter.predict([batch["image"][i]])[0].to_bytes()
+                    except Exception as e:  # noqa: BLE001
+                        e_stage[i], e_type[i], e_msg[i] = f"model:{self.name}", type(e).__name__, str(e)[:2000]
+                    ms[i] = (time.perf_counter() - t1) * 1000
+        out = {k: batch[k] for k in batch if self.keep_image or k != "image"}
+        out[f"pred:{self.name}"] = _object_array(preds)
+        out[f"ms:{self.name}"] = ms
+        out["error_stage"] = np.asarray(e_stage, dtype=object)
+        out["error_type"] = np.asarray(e_type, dtype=object)
+        out["error_message"] = np.asarray(e_msg, dtype=object)
+        return out

@@ -1,0 +1,1 @@
+"""Writers with the commit protocol: Parquet tables, COCO export."""

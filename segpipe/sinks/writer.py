@@ -1,0 +1,131 @@
+"""The run writer: per-shard staging and atomic publish, commit markers, the manifest last.
+
+Layout under the output root::
+
+    instances/shard-00000.parquet  images/...  errors/...      published tables
+    _segpipe/shards/shard-00000.json                            commit marker (written last per shard)
+    _segpipe/staging/<run_id>/shard-00000/<table>.parquet       in-flight writes
+    coco/instances.json                                         COCO export
+    _segpipe/run.json                                           run manifest (written last)
+
+A table file without its marker is not part of the output: readers ignore it and a rerun with
+the same run id overwrites it. Lifecycle: ``start`` -> ``write_shard``* -> ``finish`` | ``abort``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from segpipe.io.fs import resolve
+
+TABLES = ("instances", "images", "errors")
+
+
+class OutputExistsError(RuntimeError):
+    """The output already holds another run's committed data."""
+
+
+def shard_name(shard: int) -> str:
+    return f"shard-{shard:05d}"
+
+
+class RunWriter:
+    def __init__(self, output_uri: str, run_id: str, fs: fsspec.AbstractFileSystem | None = None) -> None:
+        self.fs, self.root = (fs, fs._strip_protocol(output_uri)) if fs is not None else resolve(output_uri)
+        self.root = self.root.rstrip("/")
+        self.run_id = run_id
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root, *parts])
+
+    def start(self) -> dict[int, dict]:
+        """Prepare the output; returns this run's already committed shards (resume).
+
+        Raises OutputExistsError when the output holds another run's shards or manifest.
+        """
+        self.fs.makedirs(self.path("_segpipe", "shards"), exist_ok=True)
+        markers = read_markers(self.fs, self.root)
+        others = {m["run_id"] for m in markers.values()} - {self.run_id}
+        manifest = self.path("_segpipe", "run.json")
+        if self.fs.exists(manifest):
+            prev = json.loads(self.fs.cat_file(manifest))
+            others |= {prev.get("run_id")} - {self.run_id}
+        if others:
+            raise OutputExistsError(
+                f"output {self.root!r} already holds run {sorted(others)[0]!r}; choose another output.uri, "
+                f"or pass --run-id {sorted(others)[0]} to resume that run"
+            )
+        if self.fs.exists(self.path("_segpipe", "staging", self.run_id)):
+            self.fs.rm(self.path("_segpipe", "staging", self.run_id), recursive=True)
+        return markers
+
+    def write_shard(self, shard: int, tables: dict[str, pa.Table], summary: dict[str, Any]) -> dict:
+        """Stage every table, publish them, then write the shard's marker. Returns the marker."""
+        name = shard_name(shard)
+        stage = self.path("_segpipe", "staging", self.run_id, name)
+        self.fs.makedirs(stage, exist_ok=True)
+        for t in TABLES:
+            with self.fs.open(f"{stage}/{t}.parquet", "wb") as f:
+                pq.write_table(tables[t], f)
+        for t in TABLES:
+            self.fs.makedirs(self.path(t), exist_ok=True)
+            self.fs.mv(f"{stage}/{t}.parquet", self.path(t, f"{name}.parquet"))
+        marker = {"run_id": self.run_id, "shard": shard, "tables": {t: f"{t}/{name}.parquet" for t in TABLES}, **summary}
+        self.write_json(f"_segpipe/shards/{name}.json", marker)
+        self.fs.rm(stage, recursive=True)
+        return marker
+
+    def write_json(self, relpath: str, obj: Any) -> None:
+        """Write JSON atomically: a temporary sibling, then a rename."""
+        final = self.path(relpath)
+        tmp = f"{final}.tmp-{uuid.uuid4().hex[:8]}"
+        parent = final.rsplit("/", 1)[0]
+        self.fs.makedirs(parent, exist_ok=True)
+        with self.fs.open(tmp, "wb") as f:
+            f.write(json.dumps(obj, indent=1, default=str).encode())
+        self.fs.mv(tmp, final)
+
+    def finish(self, manifest: dict) -> None:
+        """Write the run manifest (last) and drop the staging area."""
+        self.abort()
+        self.write_json("_segpipe/run.json", manifest)
+
+    def abort(self) -> None:
+        """Drop this run's staging area (and the staging folder itself once empty)."""
+        stage = self.path("_segpipe", "staging", self.run_id)
+        if self.fs.exists(stage):
+            self.fs.rm(stage, recursive=True)
+        parent = self.path("_segpipe", "staging")
+        if self.fs.exists(parent) and not self.fs.ls(parent):
+            self.fs.rmdir(parent)
+
+
+def read_markers(fs: fsspec.AbstractFileSystem, root: str) -> dict[int, dict]:
+    """Committed shard markers under ``root`` -> {shard: marker}."""
+    d = f"{root.rstrip('/')}/_segpipe/shards"
+    if not fs.exists(d):
+        return {}
+    out = {}
+    for p in sorted(fs.glob(f"{d}/shard-*.json")):
+        m = json.loads(fs.cat_file(p))
+        out[int(m["shard"])] = m
+    return out
+
+
+def read_committed(output_uri: str, table: str, fs: fsspec.AbstractFileSystem | None = None) -> pa.Table:
+    """Concatenate one table over committed shards only, cast to its declared schema."""
+    from segpipe.sinks.tables import SCHEMAS
+
+    fs, root = (fs, fs._strip_protocol(output_uri)) if fs is not None else resolve(output_uri)
+    root = root.rstrip("/")
+    parts = []
+    for _, m in sorted(read_markers(fs, root).items()):
+        with fs.open(f"{root}/{m['tables'][table]}", "rb") as f:
+            parts.append(pq.read_table(f).cast(SCHEMAS[table]))
+    return pa.concat_tables(parts) if parts else SCHEMAS[table].empty_table()

@@ -1,0 +1,1 @@
+"""Training loops that produce zoo entries (weights + card)."""

@@ -1,0 +1,79 @@
+"""Shared fixtures: a local Ray, a tiny untrained zoo card, a small synthetic input folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_PARAMS = {
+    "backbone_channels": [8, 16, 16, 16],
+    "fpn_channels": 16,
+    "representation_size": 32,
+    "mask_head_channels": [16],
+    "rpn_pre_nms_top_n_test": 200,
+    "rpn_post_nms_top_n_test": 100,
+    "box_detections_per_img": 20,
+}
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One embedded Ray for the session (2 CPUs, no dashboard)."""
+    import logging
+
+    import ray
+
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def make_card(folder: Path, name: str = "tiny-maskrcnn", params: dict | None = None, seed: int = 0) -> Path:
+    """Write an untrained tiny Mask R-CNN zoo entry (weights + card) under ``folder``."""
+    import torch
+
+    from segpipe.config import MaskRCNNParams
+    from segpipe.data.synthetic import CATEGORIES
+    from segpipe.modeling.maskrcnn import build_network
+    from segpipe.modeling.zoo import save_weights
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    p = MaskRCNNParams.model_validate(params or TINY_PARAMS)
+    net = build_network(params=p, num_classes=len(CATEGORIES))
+    digest = save_weights(net, folder / "weights.safetensors")
+    card = {
+        "name": name,
+        "family": "detection",
+        "paper": "Mask R-CNN (test fixture, untrained)",
+        "builder": "maskrcnn",
+        "params": p.model_dump(mode="json"),
+        "categories": [{"id": c["id"], "name": c["name"]} for c in CATEGORIES],
+        "weights": {"file": "weights.safetensors", "sha256": digest, "format": "safetensors", "dtype": "float16"},
+    }
+    (folder / "card.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
+    return folder / "card.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_card(tmp_path_factory) -> Path:
+    return make_card(tmp_path_factory.mktemp("zoo") / "tiny-maskrcnn")
+
+
+@pytest.fixture(scope="session")
+def shapes_data(tmp_path_factory) -> Path:
+    """6 synthetic images + annotations.json, and two bad files in images/."""
+    from segpipe.data.synthetic import SynthSpec, write_dataset
+
+    root = tmp_path_factory.mktemp("shapes")
+    write_dataset(SynthSpec(n=6, seed=77), root)
+    good = sorted((root / "images").glob("*.jpg"))[0].read_bytes()
+    (root / "images" / "corrupt.jpg").write_bytes(good[: len(good) // 3])  # truncated JPEG
+    (root / "images" / "notes.png").write_bytes(b"<html><body>not an image</body></html>")
+    return root
