@@ -98,6 +98,10 @@ def test_rows_carry_model_version_and_manifest(first_run, tiny_card):
     for pkg in ("torch", "torchvision", "ray"):
         assert manifest["environment"]["packages"][pkg]
     assert manifest["eval"]["n_images"] == 6
+    assert manifest["code"]["segpipe_version"]
+    if (REPO / ".git").exists():
+        assert len(manifest["code"]["git_commit"].split("+")[0]) == 40
+    assert manifest["input"]["n_files"] == 8 and len(manifest["input"]["fingerprint"]) == 64
 
 
 def test_rerun_same_id_resumes_and_other_id_refused(first_run, tiny_card, shapes_data):

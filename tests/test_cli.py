@@ -1,0 +1,151 @@
+"""A CliRunner test for every command and the README's documented examples."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from segpipe.cli import app
+
+from conftest import REPO
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_help_lists_every_noun():
+    r = invoke("--help")
+    assert r.exit_code == 0
+    for noun in ("run", "demo", "eval", "data", "models", "train"):
+        assert noun in r.output
+
+
+def test_data_synth_writes_coco(tmp_path):
+    r = invoke("data", "synth", "--out", tmp_path / "d", "--n", 3, "--seed", 5)
+    assert r.exit_code == 0, r.output
+    coco = json.loads((tmp_path / "d" / "annotations.json").read_text())
+    assert len(coco["images"]) == 3 and len(list((tmp_path / "d" / "images").glob("*.jpg"))) == 3
+    assert coco["info"]["spec"]["seed"] == 5
+
+
+def test_data_synth_bad_value_exits_2(tmp_path):
+    r = runner.invoke(app, ["data", "synth", "--out", str(tmp_path), "--n", "0"])
+    assert r.exit_code == 2
+    assert "n:" in r.output
+
+
+def _bad_workflow(tmp_path, mutate):
+    data = yaml.safe_load((REPO / "workflows" / "shapes.yaml").read_text())
+    mutate(data)
+    p = tmp_path / "wf.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+@pytest.mark.parametrize(
+    "mutate, field",
+    [
+        (lambda d: d["source"].update(urii="x"), "source.urii"),
+        (lambda d: d["models"][0].update(batch_size=0), "models.0.batch_size"),
+        (lambda d: d.update(colour="blue"), "colour"),
+        (lambda d: d["pipeline"].update(max_error_rate=3), "pipeline.max_error_rate"),
+        (lambda d: d.pop("output"), "output"),
+    ],
+)
+def test_run_bad_config_fails_fast_with_field(tmp_path, mutate, field):
+    r = runner.invoke(app, ["run", str(_bad_workflow(tmp_path, mutate))])
+    assert r.exit_code == 2
+    assert field in r.output
+
+
+def test_run_bad_override_fails_fast(tmp_path):
+    r = runner.invoke(app, ["run", str(REPO / "workflows" / "shapes.yaml"), "--set", "models.0.concurrency=-1"])
+    assert r.exit_code == 2 and "models.0.concurrency" in r.output
+    r = runner.invoke(app, ["run", str(REPO / "workflows" / "shapes.yaml"), "--set", "nonsense"])
+    assert r.exit_code == 2 and "dotted.key=value" in r.output
+
+
+def test_run_missing_source_and_workflow(tmp_path, tiny_card):
+    r = runner.invoke(app, ["run", str(tmp_path / "nope.yaml")])
+    assert r.exit_code == 2 and "not found" in r.output
+    r = runner.invoke(app, ["run", str(REPO / "workflows" / "shapes.yaml"), "--set", f"source.uri={tmp_path / 'absent'}",
+                            "--set", f"output.uri={tmp_path / 'out'}", "--set", f"models.0.model={tiny_card}"])
+    assert r.exit_code == 2 and "does not exist" in r.output
+
+
+def test_models_list_and_show():
+    r = invoke("models", "list")
+    assert r.exit_code == 0
+    assert "maskrcnn-shapes@" in r.output
+    r = invoke("models", "show", "maskrcnn-shapes")
+    assert r.exit_code == 0
+    assert "version: maskrcnn-shapes@" in r.output and "sha256" in r.output
+    r = runner.invoke(app, ["models", "show", "no-such-model"])
+    assert r.exit_code == 2 and "no zoo model" in r.output
+
+
+def test_train_writes_a_loadable_card(tmp_path):
+    from segpipe.modeling.zoo import load_adapter, sha256_file
+
+    out = tmp_path / "model"
+    r = invoke("train", "maskrcnn", "--domain", "shapes", "--iterations", 2, "--batch-size", 2, "--train-n", 4, "--val-n", 2,
+               "--out", out, "--work-dir", tmp_path / "work", "--name", "maskrcnn-test")
+    assert r.exit_code == 0, r.output
+    card = yaml.safe_load((out / "card.yaml").read_text())
+    assert card["weights"]["sha256"] == sha256_file(out / "weights.safetensors")
+    assert card["training"]["iterations"] == 2 and card["training"]["data"]["train"]["seed"] == 1000
+    assert "seed=9999" in card["metrics"][0]["split"]
+    adapter, loaded = load_adapter(str(out / "card.yaml"))
+    assert loaded.version().startswith("maskrcnn-test@")
+
+
+def test_train_rejects_val_seed_equal_train_seed(tmp_path):
+    r = runner.invoke(app, ["train", "maskrcnn", "--train-seed", "3", "--val-seed", "3", "--out", str(tmp_path)])
+    assert r.exit_code == 2 and "val_seed" in r.output
+
+
+def test_tampered_weights_are_refused(tmp_path, tiny_card):
+    import shutil
+
+    from segpipe.modeling.zoo import WeightsError, load_adapter
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_card.parent, d)
+    w = d / "weights.safetensors"
+    w.write_bytes(w.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(WeightsError, match="does not match"):
+        load_adapter(str(d / "card.yaml"))
+
+
+@pytest.mark.slow
+def test_run_then_eval_json(ray_local, tiny_card, shapes_data, tmp_path):
+    out = tmp_path / "out"
+    r = invoke("run", REPO / "workflows" / "shapes.yaml", "--set", f"source.uri={shapes_data / 'images'}",
+               "--set", f"output.uri={out}", "--set", f"models.0.model={tiny_card}")
+    assert r.exit_code == 0, r.output
+    assert "6 ok, 2 errored" in r.output and str(out) in r.output
+    r = invoke("eval", "--pred", out, "--gt", shapes_data / "annotations.json", "--max-dets", 50, "--json")
+    assert r.exit_code == 0, r.output
+    stats = json.loads(r.output)
+    assert stats["max_dets"] == 50 and stats["n_images"] == 6
+    assert set(stats["per_category"]) == {"ellipse", "star", "ring", "cross"}
+    r = invoke("eval", "--pred", out, "--gt", shapes_data / "annotations.json")
+    assert r.exit_code == 0 and "AP50=" in r.output and "AP[ring]" in r.output
+    # The same output again under a new run id is refused, with the way to resume.
+    r = runner.invoke(app, ["run", str(REPO / "workflows" / "shapes.yaml"), "--set", f"source.uri={shapes_data / 'images'}",
+                            "--set", f"output.uri={out}", "--set", f"models.0.model={tiny_card}"])
+    assert r.exit_code == 2 and "--run-id" in r.output
+
+
+@pytest.mark.slow
+def test_demo_runs_bundled_model(ray_local, tmp_path):
+    r = invoke("demo", "--out", tmp_path / "demo", "--n", 8)
+    assert r.exit_code == 0, r.output
+    assert "8 ok, 0 errored" in r.output
+    assert "mask AP vs ground truth" in r.output and "images/s" in r.output
