@@ -55,12 +55,15 @@ def evaluate(gt: COCO, results: list[dict], *, max_dets: int = 100, image_ids: I
         ev = COCOeval(gt, dt, iouType="segm")
         ev.params.imgIds = ids
         ev.params.maxDets = [1, 10, max_dets]
-        ev.evaluate()
+        ev.evaluate()  # sorts params.maxDets and keeps at most maxDets[-1] detections per image
         ev.accumulate()
-        ev.summarize()
-    stats = {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
-    # precision: [T, R, K, A, M]; area 'all' = 0, maxDets index 2 (= max_dets)
-    prec = ev.eval["precision"][:, :, :, 0, 2]
+    # Not ev.summarize(): it takes AP at a hard-coded maxDets=100 (-1 for any other max_dets) and
+    # reads maxDets[2] after evaluate() has sorted the list (max_dets < 10 would report 10).
+    stats = {name: _summarize(ev, ap, iou, area, max_dets if dets is None else dets)
+             for name, (ap, iou, area, dets) in zip(STAT_NAMES, _STAT_SPECS)}
+    m = ev.params.maxDets.index(max_dets)
+    # precision: [T, R, K, A, M]; area 'all' = 0, M index of max_dets
+    prec = ev.eval["precision"][:, :, :, 0, m]
     per_cat = {}
     for k, cid in enumerate(ev.params.catIds):
         p = prec[:, :, k]
@@ -68,6 +71,27 @@ def evaluate(gt: COCO, results: list[dict], *, max_dets: int = 100, image_ids: I
         per_cat[gt.cats[cid]["name"]] = float(p.mean()) if p.size else -1.0
     stats.update(per_category=per_cat, n_images=len(ids), n_predictions=len(results), max_dets=max_dets)
     return stats
+
+
+# Per STAT_NAMES entry: (AP or AR, IoU threshold or None for .50:.95, area range, maxDets or None
+# for the caller's max_dets), as in pycocotools' summarize.
+_STAT_SPECS = [
+    (True, None, "all", None), (True, 0.5, "all", None), (True, 0.75, "all", None),
+    (True, None, "small", None), (True, None, "medium", None), (True, None, "large", None),
+    (False, None, "all", 1), (False, None, "all", 10), (False, None, "all", None),
+    (False, None, "small", None), (False, None, "medium", None), (False, None, "large", None),
+]
+
+
+def _summarize(ev: COCOeval, ap: bool, iou: float | None, area: str, max_dets: int) -> float:
+    """One pycocotools summary statistic at ``max_dets``: the mean over defined (> -1) entries."""
+    p = ev.params
+    s = ev.eval["precision"] if ap else ev.eval["recall"]  # [T, R, K, A, M] / [T, K, A, M]
+    if iou is not None:
+        s = s[np.isclose(p.iouThrs, iou)]
+    s = s[..., p.areaRngLbl.index(area), p.maxDets.index(max_dets)]
+    s = s[s > -1]
+    return float(s.mean()) if s.size else -1.0
 
 
 def _empty_res(gt: COCO) -> COCO:

@@ -29,6 +29,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> np.ndarray:
         img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise DecodeError("not_an_image", "the bytes are not an image format Pillow can read") from None
+    except Image.DecompressionBombError as e:  # Pillow's own bomb guard fires in open(), before ours
+        raise DecodeError("too_large", str(e)) from None
     except Exception as e:  # noqa: BLE001 - Pillow raises many kinds on bad headers
         raise DecodeError(_kind(e, "unreadable"), f"{type(e).__name__}: {e}") from None
     w, h = img.size

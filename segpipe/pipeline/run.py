@@ -184,9 +184,12 @@ def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceF
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = False  # segpipe prints its own per-shard progress
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
     rows = as_rows(todo)
-    ds = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows), 200)))
+    # About one read batch per block, so decoding spreads over tasks and a block never holds many images.
+    n_blocks = max(1, min(-(-len(rows) // cfg.pipeline.read_batch_size), 5000))
+    ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
     ds = ds.map_batches(
         read_decode,
         fn_kwargs={"max_pixels": cfg.decode.max_pixels, "max_bytes": cfg.decode.max_bytes},

@@ -112,4 +112,10 @@ def instance_rows(
 def to_table(name: str, rows: list[dict]) -> pa.Table:
     """Rows -> a table cast to the declared schema (raises on a missing or mistyped column)."""
     schema = SCHEMAS[name]
-    return pa.Table.from_pylist(rows, schema=schema)
+    table = pa.Table.from_pylist(rows, schema=schema)
+    # from_pylist fills a missing key with null even where the field is declared non-nullable.
+    for f in schema:
+        if not f.nullable and table.column(f.name).null_count:
+            raise pa.ArrowInvalid(f"{name}: column {f.name!r} is not nullable but has "
+                                  f"{table.column(f.name).null_count} missing/null value(s)")
+    return table
