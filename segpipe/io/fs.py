@@ -8,9 +8,14 @@ import fsspec
 from fsspec.core import url_to_fs
 
 
-def resolve(uri: str, **options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
-    """``uri`` (a local path, file://, s3://, ...) -> (filesystem, path within it)."""
-    return url_to_fs(uri, **options)
+def resolve(uri: str, fs: fsspec.AbstractFileSystem | None = None, **options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
+    """``uri`` (a local path, file://, s3://, ...) -> (filesystem, path within it, no trailing '/').
+
+    With ``fs`` given, that filesystem is used and only the path is derived."""
+    if fs is not None:
+        return fs, fs._strip_protocol(uri).rstrip("/") or "/"
+    fs, path = url_to_fs(uri, **options)
+    return fs, path.rstrip("/") or "/"
 
 
 def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:

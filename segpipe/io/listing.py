@@ -36,10 +36,7 @@ def list_source(uri: str, *, patterns: list[str], recursive: bool = True, max_im
     """List files under ``uri`` whose names match any of ``patterns`` (case-insensitive), sorted by
     path, cut to ``max_images``, with shard = position // ``shard_size``. Raises FileNotFoundError
     when the source does not exist."""
-    if fs is None:
-        fs, root = resolve(uri)
-    else:
-        root = fs._strip_protocol(uri)
+    fs, root = resolve(uri, fs)
     if not fs.exists(root):
         raise FileNotFoundError(f"source {uri!r} does not exist")
     if fs.isfile(root):

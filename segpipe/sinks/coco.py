@@ -61,5 +61,5 @@ def write_coco(writer: RunWriter, categories: list[dict], *, relpath: str = "coc
 
 
 def read_coco(output_uri: str, fs: fsspec.AbstractFileSystem | None = None, relpath: str = "coco/instances.json") -> dict:
-    fs, root = (fs, fs._strip_protocol(output_uri)) if fs is not None else resolve(output_uri)
+    fs, root = resolve(output_uri, fs)
     return json.loads(fs.cat_file(f"{root.rstrip('/')}/{relpath}"))

@@ -37,8 +37,7 @@ def shard_name(shard: int) -> str:
 
 class RunWriter:
     def __init__(self, output_uri: str, run_id: str, fs: fsspec.AbstractFileSystem | None = None) -> None:
-        self.fs, self.root = (fs, fs._strip_protocol(output_uri)) if fs is not None else resolve(output_uri)
-        self.root = self.root.rstrip("/")
+        self.fs, self.root = resolve(output_uri, fs)
         self.run_id = run_id
 
     def path(self, *parts: str) -> str:
@@ -122,8 +121,7 @@ def read_committed(output_uri: str, table: str, fs: fsspec.AbstractFileSystem | 
     """Concatenate one table over committed shards only, cast to its declared schema."""
     from segpipe.sinks.tables import SCHEMAS
 
-    fs, root = (fs, fs._strip_protocol(output_uri)) if fs is not None else resolve(output_uri)
-    root = root.rstrip("/")
+    fs, root = resolve(output_uri, fs)
     parts = []
     for _, m in sorted(read_markers(fs, root).items()):
         with fs.open(f"{root}/{m['tables'][table]}", "rb") as f:
