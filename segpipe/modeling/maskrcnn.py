@@ -97,7 +97,8 @@ class MaskRCNNAdapter(ModelAdapter):
             check_shape(img, ["H", "W", 3], "image")
             if img.dtype != np.uint8:
                 raise TypeError(f"image must be uint8 RGB, got {img.dtype}")
-            tensors.append(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0))
+            arr = np.ascontiguousarray(img) if img.flags.writeable else img.copy()  # torch needs writable memory
+            tensors.append(torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0))
             sizes.append((int(img.shape[0]), int(img.shape[1])))
         return MaskRCNNBatch(tensors=tensors, sizes=sizes)
 
