@@ -185,7 +185,7 @@ def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceF
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     ctx.enable_progress_bars = False  # segpipe prints its own per-shard progress
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # full Ray Data logs stay in the session log dir
     rows = as_rows(todo)
     # About one read batch per block, so decoding spreads over tasks and a block never holds many images.
     n_blocks = max(1, min(-(-len(rows) // cfg.pipeline.read_batch_size), 5000))
