@@ -81,9 +81,10 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
     """Run ``cfg`` end to end; resumes when ``run_id`` names a run already in ``output.uri``."""
     import ray
 
+    from segpipe.evaluation import evaluate_output
     from segpipe.provenance.manifest import code, environment
     from segpipe.sinks.coco import write_coco
-    from segpipe.sinks.writer import RunWriter
+    from segpipe.sinks.writer import RunWriter, read_markers
 
     started = datetime.now(timezone.utc)
     t0 = time.perf_counter()
@@ -111,7 +112,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
         stage_ms: dict[str, float] = defaultdict(float)
         if todo:
             ds = _build_dataset(cfg, models, todo, has_gpu)
-            _consume(cfg, ds, writer, run_id, models, files, expected, stage_ms, progress, t0)
+            _consume(cfg, ds, writer, run_id, models, expected, stage_ms, progress, t0)
     except BaseException:
         writer.abort()
         raise
@@ -119,7 +120,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
         if started_ray:
             ray.shutdown()
 
-    markers = writer_markers(writer)
+    markers = read_markers(writer.fs, writer.root)
     counts = _totals(markers)
     processed_now = sum(int(mk["counts"]["images"]) for s, mk in markers.items() if s not in committed)
     cats = [c.model_dump() for c in models[0].card.categories]
@@ -130,7 +131,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
     if error_rate > cfg.pipeline.max_error_rate:
         status = "failed"
         reason = f"error rate {error_rate:.3f} exceeds pipeline.max_error_rate={cfg.pipeline.max_error_rate}"
-    eval_stats = _evaluate(cfg, writer) if cfg.eval.gt else None
+    eval_stats = evaluate_output(cfg.output.uri, cfg.eval.gt, max_dets=cfg.eval.max_dets) if cfg.eval.gt else None
     result = RunResult(
         run_id=run_id, output_uri=cfg.output.uri, status=status, counts=counts, wall_s=wall,
         images_per_s=processed_now / wall if wall > 0 else 0.0, stage_ms=dict(stage_ms),
@@ -158,12 +159,6 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
     }
     writer.finish(manifest)
     return result
-
-
-def writer_markers(writer) -> dict[int, dict]:
-    from segpipe.sinks.writer import read_markers
-
-    return read_markers(writer.fs, writer.root)
 
 
 def _totals(markers: dict[int, dict]) -> dict:
@@ -219,7 +214,7 @@ def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceF
     return ds
 
 
-def _consume(cfg, ds, writer, run_id, models, files, expected, stage_ms, progress, t0) -> None:
+def _consume(cfg, ds, writer, run_id, models, expected, stage_ms, progress, t0) -> None:
     """Drain the stream; commit each shard when its last row arrives."""
     from segpipe.sinks.tables import instance_rows, to_table
     from segpipe.structures import Instances
@@ -272,9 +267,3 @@ def _consume(cfg, ds, writer, run_id, models, files, expected, stage_ms, progres
                      f"{counts['instances']} instances | {rate:.1f} img/s, ETA {eta:.0f}s")
     if pending:
         raise RuntimeError(f"stream ended with incomplete shards {sorted(pending)}")
-
-
-def _evaluate(cfg: WorkflowConfig, writer) -> dict:
-    from segpipe.evaluation import evaluate_output
-
-    return evaluate_output(cfg.output.uri, cfg.eval.gt, max_dets=cfg.eval.max_dets)
