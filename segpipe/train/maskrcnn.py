@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import platform
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -54,6 +55,7 @@ def train(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Pat
     out = Path(cfg.out or Path("models") / name)
     run_dir = Path(cfg.work_dir) / name
     run_dir.mkdir(parents=True, exist_ok=True)
+    log = _tee(log, run_dir / "train.log")
     train_ann, val_ann = prepare_shapes(cfg, log)
     params = MaskRCNNParams.model_validate(cfg.params)
     cat_ids = [c["id"] for c in CATEGORIES]
@@ -110,6 +112,9 @@ def train(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Pat
 def write_entry(cfg: TrainConfig, net: torch.nn.Module, out: Path, val_ann: Path, wall: float, log: Log, command: str | None) -> Path:
     """Save fp16 weights, validate the saved (fp16-rounded) weights, write the card."""
     out.mkdir(parents=True, exist_ok=True)
+    log_file = Path(cfg.work_dir) / cfg.model_name / "train.log"
+    if log_file.is_file():
+        shutil.copyfile(log_file, out / "train.log")
     wfile = out / "weights.safetensors"
     digest = save_weights(net, wfile)
     card = ModelCard(
@@ -133,6 +138,7 @@ def write_entry(cfg: TrainConfig, net: torch.nn.Module, out: Path, val_ann: Path
             "batch_size": cfg.batch_size,
             "wall_time_s": round(wall, 1),
             "hardware": f"{platform.machine()} CPU x{torch.get_num_threads()} threads, torch {torch.__version__}, python {sys.version.split()[0]}",
+            "log": "train.log" if (out / "train.log").is_file() else None,
         },
         license="Apache-2.0",
     )
@@ -157,6 +163,17 @@ def write_entry(cfg: TrainConfig, net: torch.nn.Module, out: Path, val_ann: Path
     (out / "card.yaml").write_text(yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False))
     log(f"wrote {out / 'card.yaml'} ({card.version()})")
     return out / "card.yaml"
+
+
+def _tee(log: Log, path: Path) -> Log:
+    """A logger that also appends each line to ``path``."""
+
+    def both(message: str) -> None:
+        log(message)
+        with open(path, "a") as f:
+            f.write(message + "\n")
+
+    return both
 
 
 def shell_command(argv: list[str]) -> str:
