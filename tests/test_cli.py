@@ -149,3 +149,8 @@ def test_demo_runs_bundled_model(ray_local, tmp_path):
     assert r.exit_code == 0, r.output
     assert "8 ok, 0 errored" in r.output
     assert "mask AP vs ground truth" in r.output and "images/s" in r.output
+    (manifest,) = (tmp_path / "demo" / "runs").glob("*/_segpipe/run.json")
+    run = json.loads(manifest.read_text())
+    assert run["status"] == "complete" and run["models"][0]["version"].startswith("maskrcnn-shapes@")
+    # The bundled model measures AP 0.617 on 200 val images; 8 unseen demo images stay well above 0.4.
+    assert run["eval"]["AP"] > 0.4, run["eval"]
