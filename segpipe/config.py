@@ -227,6 +227,36 @@ def load_workflow(path: str | Path, overrides: list[str] | None = None) -> Workf
     return WorkflowConfig.model_validate(data)
 
 
+class SynthSpec(Strict):
+    """Parameters of a synthetic shapes dataset (sizes in pixels)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    n: int = Field(100, ge=1, description="number of images")
+    seed: int = Field(0, ge=0)
+    height: int = Field(256, ge=32)
+    width: int = Field(256, ge=32)
+    min_objects: int = Field(3, ge=0)
+    max_objects: int = Field(12, ge=0)
+    min_size: float = Field(8.0, gt=2, description="smallest object diameter")
+    max_size: float | None = Field(None, description="largest object diameter; default half the shorter side")
+    touching: float = Field(0.3, ge=0, le=1, description="probability an object is placed against another")
+    jpeg_quality: tuple[int, int] = (70, 95)
+    min_visible: float = Field(0.35, gt=0, le=1, description="drop objects with less of their area visible")
+
+    @model_validator(mode="after")
+    def _check(self) -> "SynthSpec":
+        if self.max_objects < self.min_objects:
+            raise ValueError("max_objects must be >= min_objects")
+        if self.max_size is not None and self.max_size < self.min_size:
+            raise ValueError("max_size must be >= min_size")
+        return self
+
+    @property
+    def largest(self) -> float:
+        return self.max_size if self.max_size is not None else min(self.height, self.width) / 2
+
+
 class TrainConfig(Strict):
     """``segpipe train``: one method on one domain; everything a card needs to reproduce it."""
 
