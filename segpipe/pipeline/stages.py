@@ -38,10 +38,9 @@ def read_decode(batch: dict[str, np.ndarray], *, max_pixels: int, max_bytes: int
         t = time.perf_counter()
         img, sha, err = EMPTY_IMAGE, "", ("", "", "")
         try:
+            if int(batch["size"][i]) > max_bytes:  # size from the listing: no extra request
+                raise DecodeError("too_large", f"{int(batch['size'][i])} bytes exceeds max_bytes={max_bytes}")
             fs, path = resolve(uri, **(storage_options or {}))
-            size = fs.size(path)
-            if size is not None and size > max_bytes:
-                raise DecodeError("too_large", f"{size} bytes exceeds max_bytes={max_bytes}")
             data = fs.cat_file(path)
             sha = hashlib.sha256(data).hexdigest()
             img = decode_image(data, max_pixels=max_pixels)
