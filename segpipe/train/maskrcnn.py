@@ -72,14 +72,17 @@ def train(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Pat
         log(f"resumed from {ckpt} at iteration {it}")
     net.train()
     gen = torch.Generator().manual_seed(cfg.seed)
-    epoch = it * cfg.batch_size // len(ds)
+    per_epoch = len(ds) // cfg.batch_size  # full batches per epoch (drop_last)
+    if per_epoch == 0:
+        raise ValueError(f"{len(ds)} training images cannot fill one batch of {cfg.batch_size}")
+    epoch = it // per_epoch
     t0 = time.time() - elapsed
     run_loss = None
     while it < cfg.iterations:
         ds.set_epoch(epoch)
         gen.manual_seed(cfg.seed * 100003 + epoch)
         loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=gen, drop_last=True)
-        skip = (it * cfg.batch_size % len(ds)) // cfg.batch_size
+        skip = it - epoch * per_epoch  # batches of this epoch already done (resume)
         for bi, (images, targets) in enumerate(loader):
             if bi < skip:
                 continue
