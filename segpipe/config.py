@@ -230,7 +230,7 @@ def load_workflow(path: str | Path, overrides: list[str] | None = None) -> Workf
 class SynthSpec(Strict):
     """Parameters of a synthetic shapes dataset (sizes in pixels)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(frozen=True)  # extra="forbid" comes from Strict
 
     n: int = Field(100, ge=1, description="number of images")
     seed: int = Field(0, ge=0)

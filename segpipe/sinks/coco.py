@@ -62,4 +62,4 @@ def write_coco(writer: RunWriter, categories: list[dict], *, relpath: str = "coc
 
 def read_coco(output_uri: str, fs: fsspec.AbstractFileSystem | None = None, relpath: str = "coco/instances.json") -> dict:
     fs, root = resolve(output_uri, fs)
-    return json.loads(fs.cat_file(f"{root.rstrip('/')}/{relpath}"))
+    return json.loads(fs.cat_file(f"{root}/{relpath}"))

@@ -18,7 +18,7 @@ from segpipe.config import MaskRCNNParams, MetricsRecord, ModelCard, TrainConfig
 from segpipe.data.coco import CocoInstances, collate
 from segpipe.data.synthetic import CATEGORIES, SynthSpec, write_dataset
 from segpipe.evaluation import evaluate, load_gt, predict_dataset
-from segpipe.modeling.maskrcnn import MaskRCNNAdapter, build_network
+from segpipe.modeling.maskrcnn import build_network
 from segpipe.modeling.zoo import save_weights
 
 Log = Callable[[str], None]
