@@ -12,10 +12,8 @@ import typer
 app = typer.Typer(help="segpipe: label image collections with instance masks, on Ray.", no_args_is_help=True, add_completion=False)
 data_app = typer.Typer(help="Datasets: generate the synthetic shapes domain.", no_args_is_help=True)
 models_app = typer.Typer(help="The model zoo: list, show and evaluate cards.", no_args_is_help=True)
-train_app = typer.Typer(help="Train zoo models (writes weights + card).", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(models_app, name="models")
-app.add_typer(train_app, name="train")
 
 EXIT_CONFIG = 2
 
@@ -65,37 +63,43 @@ def data_synth(
 # --- train ----------------------------------------------------------------------------------
 
 
-@train_app.command("maskrcnn")
-def train_maskrcnn(
-    domain: Annotated[str, typer.Option(help="training domain")] = "shapes",
-    iterations: Annotated[int, typer.Option(help="optimizer steps")] = 6000,
-    batch_size: Annotated[int, typer.Option()] = 4,
-    lr: Annotated[float, typer.Option()] = 1e-3,
+@app.command("train")
+def train_cmd(
+    method: Annotated[str, typer.Argument(help="maskrcnn | polarmask")],
+    domain: Annotated[str, typer.Option(help="shapes (generated) | nuclei (COCO file + images)")] = "shapes",
+    data: Annotated[Optional[str], typer.Option(help="nuclei: folder/URI with train.json, val.json, images/")] = None,
+    iterations: Annotated[Optional[int], typer.Option(help="optimizer steps (default: the recipe's)")] = None,
+    batch_size: Annotated[Optional[int], typer.Option()] = None,
+    lr: Annotated[Optional[float], typer.Option()] = None,
+    crop: Annotated[Optional[int], typer.Option(help="random square crop side, pixels (default: the recipe's)")] = None,
     seed: Annotated[int, typer.Option()] = 0,
-    train_n: Annotated[int, typer.Option(help="generated training images")] = 4000,
-    train_seed: Annotated[int, typer.Option()] = 1000,
-    val_n: Annotated[int, typer.Option(help="generated validation images")] = 200,
-    val_seed: Annotated[int, typer.Option(help="must differ from --train-seed")] = 9999,
-    name: Annotated[Optional[str], typer.Option(help="zoo name (default maskrcnn-<domain>)")] = None,
+    train_n: Annotated[int, typer.Option(help="shapes: generated training images")] = 4000,
+    train_seed: Annotated[int, typer.Option(help="shapes: training data seed")] = 1000,
+    val_n: Annotated[int, typer.Option(help="shapes: generated validation images")] = 200,
+    val_seed: Annotated[int, typer.Option(help="shapes: must differ from --train-seed")] = 9999,
+    name: Annotated[Optional[str], typer.Option(help="zoo name (default <method>-<domain>)")] = None,
     out: Annotated[Optional[str], typer.Option(help="card folder (default models/<name>)")] = None,
     work_dir: Annotated[str, typer.Option(help="data, checkpoints, logs")] = "runs/train",
     threads: Annotated[Optional[int], typer.Option(help="torch threads")] = None,
 ) -> None:
-    """Train the small Mask R-CNN; reproduces models/maskrcnn-<domain> with the card's command."""
+    """Train one method on one domain and write its zoo entry; a card's command reproduces it."""
     from pydantic import ValidationError
 
     from segpipe.config import TrainConfig
-    from segpipe.train.maskrcnn import shell_command, train
+    from segpipe.train.loop import shell_command, train
 
     try:
         cfg = TrainConfig(
-            method="maskrcnn", domain=domain, iterations=iterations, batch_size=batch_size, lr=lr, seed=seed,
-            train_n=train_n, train_seed=train_seed, val_n=val_n, val_seed=val_seed, name=name, out=out,
+            method=method, domain=domain, data=data, iterations=iterations, batch_size=batch_size, lr=lr, crop=crop,
+            seed=seed, train_n=train_n, train_seed=train_seed, val_n=val_n, val_seed=val_seed, name=name, out=out,
             work_dir=work_dir, threads=threads,
         )
     except ValidationError as e:
         _fail(_config_error(e))
-    card = train(cfg, log=lambda m: typer.echo(m), command=shell_command(sys.argv[1:]))
+    try:
+        card = train(cfg, log=lambda m: typer.echo(m), command=shell_command(sys.argv[1:]))
+    except FileNotFoundError as e:
+        _fail(str(e))
     typer.echo(f"card: {card}")
 
 
@@ -119,7 +123,7 @@ def _print_summary(result, out_uri: str) -> None:
     c = result.counts
     typer.echo("")
     typer.echo(f"run {result.run_id}: {result.status}" + (f" ({result.reason})" if result.reason else ""))
-    typer.echo(f"  outputs:   {out_uri}  (instances/, images/, errors/, coco/instances.json, _segpipe/run.json)")
+    typer.echo(f"  outputs:   {out_uri}  (instances/, predictions/, images/, errors/, coco/instances.json, _segpipe/run.json)")
     typer.echo(f"  images:    {c['images']} ({c['ok']} ok, {c['errors']} errored"
                + (": " + ", ".join(f"{k}={v}" for k, v in sorted(c["errors_by_type"].items())) if c["errors_by_type"] else "") + ")")
     typer.echo(f"  instances: {c['instances']}")
@@ -129,18 +133,23 @@ def _print_summary(result, out_uri: str) -> None:
     if result.eval:
         from segpipe.evaluation import format_table
 
-        typer.echo("  mask AP vs ground truth: " + format_table(result.eval).replace("\n", "\n  "))
+        typer.echo(f"  mask AP vs ground truth (instances/, from {result.eval.get('source')}): "
+                   + format_table(result.eval).replace("\n", "\n  "))
+        for name, st in (result.eval.get("per_model") or {}).items():
+            typer.echo(f"  {name}: AP={st['AP']:.3f} AP50={st['AP50']:.3f} AP75={st['AP75']:.3f} ARmax={st['ARmax']:.3f}")
 
 
 def _execute(cfg, run_id: Optional[str]) -> None:
     from segpipe.modeling.zoo import WeightsError
-    from segpipe.pipeline.run import SourceEmptyError, run_workflow
+    from segpipe.pipeline.run import SourceEmptyError, WorkflowError, run_workflow
     from segpipe.sinks.writer import OutputExistsError
 
     try:
         result = run_workflow(cfg, run_id=run_id, progress=lambda m: typer.echo(m))
     except (SourceEmptyError, FileNotFoundError, OutputExistsError, WeightsError) as e:
         _fail(str(e))
+    except WorkflowError as e:
+        _fail(f"invalid config: {e}")
     _print_summary(result, cfg.output.uri)
     if result.status != "complete":
         raise typer.Exit(1)
@@ -192,6 +201,7 @@ def eval_cmd(
     pred: Annotated[str, typer.Option(help="a run's output folder (or URI)")],
     gt: Annotated[Path, typer.Option(help="COCO ground truth json")],
     max_dets: Annotated[int, typer.Option(help="detections per image considered (pycocotools maxDets)")] = 100,
+    model: Annotated[Optional[str], typer.Option(help="score this model's raw predictions/ instead of instances/")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """COCO segm AP, AP50, AP75 and AP per category of a run (pycocotools is the oracle)."""
@@ -200,7 +210,7 @@ def eval_cmd(
     if not gt.is_file():
         _fail(f"ground truth {gt} not found")
     try:
-        stats = evaluate_output(pred, gt, max_dets=max_dets)
+        stats = evaluate_output(pred, gt, max_dets=max_dets, **({"table": "predictions", "source": model} if model else {}))
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
     typer.echo(json.dumps(stats) if as_json else format_table(stats))
@@ -238,8 +248,8 @@ def models_show(name: Annotated[str, typer.Argument(help="zoo name or card path"
 @models_app.command("eval")
 def models_eval(
     name: Annotated[str, typer.Argument(help="zoo name or card path")],
-    gt: Annotated[Path, typer.Option(help="COCO ground truth json")],
-    images: Annotated[Optional[Path], typer.Option(help="image folder (default: images/ beside the json)")] = None,
+    gt: Annotated[str, typer.Option(help="COCO ground truth json (path or URI)")],
+    images: Annotated[Optional[str], typer.Option(help="image folder or URI (default: images/ beside the json)")] = None,
     max_dets: Annotated[int, typer.Option()] = 100,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
@@ -249,7 +259,8 @@ def models_eval(
 
     adapter, card = load_adapter(name)
     g = load_gt(gt)
-    stats = evaluate(g, predict_dataset(adapter, g, images or gt.parent / "images"), max_dets=max_dets)
+    image_dir = images or (gt.rsplit("/", 1)[0] + "/images" if "/" in gt else "images")
+    stats = evaluate(g, predict_dataset(adapter, g, image_dir), max_dets=max_dets)
     stats["model"] = card.version()
     typer.echo(json.dumps(stats) if as_json else f"{card.version()}\n" + format_table(stats))
 

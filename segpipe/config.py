@@ -59,6 +59,8 @@ class ModelStageConfig(Strict):
 
 class OutputConfig(Strict):
     uri: str = Field(description="output directory")
+    primary: str | None = Field(None, description="model (card name) whose predictions fill instances/ and the COCO "
+                                                  "export; default the first model. Every model's go to predictions/")
     coco: bool = True
     min_score: float = Field(0.0, ge=0, le=1, description="drop instances scoring lower from the outputs")
 
@@ -88,9 +90,10 @@ class WorkflowConfig(Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @model_validator(mode="after")
-    def _one_model_for_now(self) -> "WorkflowConfig":
-        if len(self.models) > 1:
-            raise ValueError("more than one model needs the ensemble stage, which is not in this version")
+    def _distinct_models(self) -> "WorkflowConfig":
+        refs = [m.model for m in self.models]
+        if len(set(refs)) != len(refs):
+            raise ValueError(f"models: each model may appear once, got {refs}")
         return self
 
     def digest(self) -> str:
@@ -175,6 +178,41 @@ class MaskRCNNParams(Strict):
     box_detections_per_img: int = Field(100, ge=1)
     box_score_thresh: float = Field(0.05, ge=0, le=1)
     box_nms_thresh: float = Field(0.5, gt=0, le=1)
+    resize: bool = Field(True, description="resize to min_size/max_size; False keeps the native resolution")
+
+
+class PolarMaskParams(Strict):
+    """Architecture of segpipe's PolarMask (Xie et al., CVPR 2020): FCOS-style polar head on an FPN.
+
+    Levels are the backbone's FPN outputs at strides 4, 8, 16, 32, 64 (indices 0..4) selected by
+    ``levels``; an instance goes to the level whose (lo, hi] range holds its largest ray (pixels).
+    """
+
+    backbone_channels: list[int] = Field(default_factory=lambda: [32, 64, 128, 256], min_length=4, max_length=4)
+    blocks_per_stage: int = Field(1, ge=1)
+    fpn_channels: int = Field(64, ge=8)
+    levels: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4], min_length=1)
+    size_ranges: list[float] = Field(default_factory=lambda: [16.0, 32.0, 64.0, 128.0],
+                                     description="ray-length boundaries between consecutive levels, pixels")
+    tower_convs: int = Field(2, ge=0, description="convs in each of the class and ray towers")
+    n_rays: int = Field(36, ge=4)
+    center_radius: float = Field(1.5, gt=0, description="positives lie within radius*stride of the mass centre")
+    focal_alpha: float = Field(0.25, ge=0, le=1)
+    focal_gamma: float = Field(2.0, ge=0)
+    score_thresh: float = Field(0.05, ge=0, le=1, description="class probability needed to be a candidate")
+    pre_nms_top_n: int = Field(2000, ge=1, description="candidates per level before NMS")
+    nms_thresh: float = Field(0.5, gt=0, le=1)
+    detections_per_img: int = Field(1000, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PolarMaskParams":
+        if any(lv not in range(5) for lv in self.levels) or sorted(set(self.levels)) != self.levels:
+            raise ValueError("levels must be increasing indices among 0..4 (strides 4..64)")
+        if len(self.size_ranges) != len(self.levels) - 1:
+            raise ValueError(f"size_ranges needs len(levels) - 1 = {len(self.levels) - 1} boundaries")
+        if sorted(self.size_ranges) != self.size_ranges:
+            raise ValueError("size_ranges must increase")
+        return self
 
 
 # --- helpers ------------------------------------------------------------------------------
@@ -257,11 +295,34 @@ class SynthSpec(Strict):
         return self.max_size if self.max_size is not None else min(self.height, self.width) / 2
 
 
-class TrainConfig(Strict):
-    """``segpipe train``: one method on one domain; everything a card needs to reproduce it."""
+# Per (method, domain): defaults for the TrainConfig fields a caller does not set. A zoo card
+# records the resolved values, so a recipe change never changes an existing model's meaning.
+TRAIN_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
+    ("maskrcnn", "shapes"): {},
+    ("maskrcnn", "nuclei"): {
+        "iterations": 3000, "crop": 256, "warmup": 200,
+        "params": {
+            "resize": False, "box_detections_per_img": 1000, "box_batch_size_per_image": 512,
+            "rpn_pre_nms_top_n_train": 2000, "rpn_post_nms_top_n_train": 1000,
+            "rpn_pre_nms_top_n_test": 4000, "rpn_post_nms_top_n_test": 2000,
+        },
+    },
+    ("polarmask", "shapes"): {"iterations": 4000, "lr": 2e-3},
+    ("polarmask", "nuclei"): {"iterations": 4000, "crop": 256, "lr": 2e-3, "warmup": 200},
+}
 
-    method: Literal["maskrcnn"] = "maskrcnn"
-    domain: Literal["shapes"] = "shapes"
+
+class TrainConfig(Strict):
+    """``segpipe train``: one method on one domain; everything a card needs to reproduce it.
+
+    Fields left unset take the (method, domain) recipe of ``TRAIN_RECIPES`` first, then the
+    defaults below."""
+
+    method: Literal["maskrcnn", "polarmask"] = "maskrcnn"
+    domain: Literal["shapes", "nuclei"] = "shapes"
+    data: str | None = Field(None, description="nuclei: folder or URI with train.json, val.json, images/; "
+                                               "default $SEGPIPE_NUCLEI, else ../shared/data/nuclei")
+    crop: int | None = Field(None, ge=32, description="random square training crops of this side, pixels")
     name: str | None = Field(None, description="zoo name; default '<method>-<domain>'")
     out: str | None = Field(None, description="card folder; default models/<name>")
     work_dir: str = Field("runs/train", description="generated data, checkpoints and logs")
@@ -278,6 +339,17 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(500, ge=1)
     threads: int | None = Field(None, ge=1)
     params: dict[str, Any] = Field(default_factory=dict, description="architecture overrides")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _recipe(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        recipe = TRAIN_RECIPES.get((data.get("method", "maskrcnn"), data.get("domain", "shapes")), {})
+        # None means "not given" (every field whose default is None keeps it when dropped).
+        out = {k: v for k, v in recipe.items() if k != "params"} | {k: v for k, v in data.items() if v is not None}
+        out["params"] = dict(recipe.get("params", {})) | dict(data.get("params") or {})
+        return out
 
     @model_validator(mode="after")
     def _seeds_apart(self) -> "TrainConfig":

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 from pathlib import Path
 from typing import Iterable
 
@@ -35,8 +34,11 @@ def instances_to_results(image_id: int, inst: Instances) -> list[dict]:
 
 
 def load_gt(gt: str | Path | dict) -> COCO:
+    """A COCO ground truth from a path or URI (fsspec), or from an already-loaded dict."""
+    from segpipe.data.coco import read_json
+
     coco = COCO()
-    coco.dataset = json.loads(Path(gt).read_text()) if not isinstance(gt, dict) else gt
+    coco.dataset = read_json(str(gt)) if not isinstance(gt, dict) else gt
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
@@ -130,25 +132,38 @@ def format_table(stats: dict) -> str:
 
 
 def predict_dataset(adapter, gt: COCO, image_dir: str | Path, *, batch_size: int = 4) -> list[dict]:
-    """Run an adapter in-process over every gt image (for training-time validation)."""
+    """Run an adapter in-process over every gt image (``image_dir`` a path or URI); no Ray."""
     from PIL import Image
+
+    from segpipe.io.fs import resolve
+
+    fs, root = resolve(str(image_dir))
+
+    def read(name: str) -> np.ndarray:
+        with fs.open(f"{root}/{name}", "rb") as f:
+            return np.asarray(Image.open(io.BytesIO(f.read())).convert("RGB"))
 
     results: list[dict] = []
     infos = [gt.imgs[i] for i in sorted(gt.getImgIds())]
     for s in range(0, len(infos), batch_size):
         chunk = infos[s : s + batch_size]
-        imgs = [np.asarray(Image.open(Path(image_dir) / im["file_name"]).convert("RGB")) for im in chunk]
+        imgs = [read(im["file_name"]) for im in chunk]
         for im, inst in zip(chunk, adapter.predict(imgs)):
             results.extend(instances_to_results(im["id"], inst))
     return results
 
 
-def output_results(output_uri: str) -> tuple[list[dict], list[dict]]:
-    """A run output's committed (images with status ok, instance results) as COCO-style dicts."""
+def output_results(output_uri: str, *, table: str = "instances", source: str | None = None) -> tuple[list[dict], list[dict]]:
+    """A run output's committed (images with status ok, instance results) as COCO-style dicts.
+
+    ``table`` is ``instances`` (the workflow's result) or ``predictions`` (every model's raw
+    instances); ``source`` keeps only the rows of that model (or ``ensemble``)."""
     from segpipe.sinks.writer import read_committed
 
     images = [r for r in read_committed(output_uri, "images").to_pylist() if r["status"] == "ok"]
-    inst = read_committed(output_uri, "instances").to_pylist()
+    inst = read_committed(output_uri, table).to_pylist()
+    if source is not None:
+        inst = [r for r in inst if r["source"] == source]
     results = [
         {
             "image_id": r["image_id"],
@@ -161,13 +176,14 @@ def output_results(output_uri: str) -> tuple[list[dict], list[dict]]:
     return images, results
 
 
-def evaluate_output(output_uri: str, gt_path: str | Path, *, max_dets: int = 100) -> dict:
+def evaluate_output(output_uri: str, gt_path: str | Path, *, max_dets: int = 100, table: str = "instances",
+                    source: str | None = None) -> dict:
     """Score a run output against a COCO ground truth; images are matched by file name.
 
     Only ground-truth images that the run processed successfully are scored; how many GT images
     were matched is reported as ``n_images`` (and ``n_gt_images``)."""
     gt = load_gt(gt_path)
-    images, results = output_results(output_uri)
+    images, results = output_results(output_uri, table=table, source=source)
     pred = {"images": [{"id": im["image_id"], "file_name": im["relpath"]} for im in images], "annotations": results}
     remapped, ids = remap_to_gt(gt, pred)
     if not ids:

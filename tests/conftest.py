@@ -61,6 +61,31 @@ def make_card(folder: Path, name: str = "tiny-maskrcnn", params: dict | None = N
     return folder / "card.yaml"
 
 
+TINY_POLAR_PARAMS = {"backbone_channels": [8, 16, 16, 16], "fpn_channels": 16, "tower_convs": 1, "n_rays": 12,
+                     "levels": [0, 1, 2], "size_ranges": [16.0, 32.0], "detections_per_img": 30}
+
+
+def make_polar_card(folder: Path, name: str = "tiny-polarmask", categories: list[dict] | None = None, seed: int = 0) -> Path:
+    """Write an untrained tiny PolarMask zoo entry (default: the shapes categories)."""
+    import torch
+
+    from segpipe.config import PolarMaskParams
+    from segpipe.data.synthetic import CATEGORIES
+    from segpipe.modeling.polarmask import build_network
+    from segpipe.modeling.zoo import save_weights
+
+    cats = categories or [{"id": c["id"], "name": c["name"]} for c in CATEGORIES]
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    p = PolarMaskParams.model_validate(TINY_POLAR_PARAMS)
+    digest = save_weights(build_network(params=p, num_classes=len(cats)), folder / "weights.safetensors")
+    card = {"name": name, "family": "single-shot polar", "paper": "PolarMask (test fixture, untrained)", "builder": "polarmask",
+            "params": p.model_dump(mode="json"), "categories": cats,
+            "weights": {"file": "weights.safetensors", "sha256": digest, "format": "safetensors", "dtype": "float16"}}
+    (folder / "card.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
+    return folder / "card.yaml"
+
+
 @pytest.fixture(scope="session")
 def tiny_card(tmp_path_factory) -> Path:
     return make_card(tmp_path_factory.mktemp("zoo") / "tiny-maskrcnn")

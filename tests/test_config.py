@@ -133,10 +133,13 @@ def test_models_must_not_be_empty():
     assert ("models",) in error_locs(err.value)
 
 
-def test_more_than_one_model_is_refused_for_now():
+def test_several_models_are_allowed_but_each_once():
     data = base()
     data["models"].append({"model": "other"})
-    with pytest.raises(ValidationError, match="ensemble"):
+    cfg = WorkflowConfig.model_validate(data)
+    assert [m.model for m in cfg.models][-1] == "other"
+    data["models"].append({"model": "other"})
+    with pytest.raises(ValidationError, match="each model may appear once"):
         WorkflowConfig.model_validate(data)
 
 

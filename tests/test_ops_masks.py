@@ -405,3 +405,14 @@ def test_paste_constant_one_fractional_box_fills_only_pixel_centres_inside():
     want = np.zeros((10, 10), np.uint8)
     want[3:5, 3:5] = 1
     assert rle == coco_encode(want)
+
+
+def test_area_of_more_than_255_masks():
+    # pycocotools' area() overflows an internal uint8 array at 256+ RLEs under numpy 2; nuclei
+    # images hold up to 375 instances.
+    masks = np.zeros((600, 8, 8), np.uint8)
+    masks[:, 2:4, 2:5] = 1
+    masks[-1] = 0
+    masks[300, 0, 0] = 1
+    a = mask_ops.area(mask_ops.encode(masks))
+    assert a.shape == (600,) and a[0] == 6 and a[300] == 7 and a[-1] == 0

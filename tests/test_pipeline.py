@@ -112,3 +112,60 @@ def test_rerun_same_id_resumes_and_other_id_refused(first_run, tiny_card, shapes
     assert read_committed(str(out), "instances").to_pylist() == before
     with pytest.raises(OutputExistsError, match="test-run-1"):
         run_workflow(cfg, run_id="another-run", progress=lambda m: None)
+
+
+# --- several models ----------------------------------------------------------------------------
+
+
+def _two_model_cfg(tiny_card, polar_card, shapes_data, out, *extra):
+    sets = [
+        f"source.uri={shapes_data / 'images'}", f"output.uri={out}", "source.shard_size=4",
+        f"models.0.model={tiny_card}", "output.min_score=0", "models.0.num_cpus=0.8",
+        f"eval.gt={shapes_data / 'annotations.json'}", "pipeline.read_num_cpus=0.2", *extra,
+    ]
+    data = load_workflow(REPO / "workflows" / "shapes.yaml", sets).model_dump(mode="json")
+    data["models"].append({"model": str(polar_card), "num_cpus": 0.8, "score_threshold": 0.0, "batch_size": 2})
+    from segpipe.config import WorkflowConfig
+
+    return WorkflowConfig.model_validate(data)
+
+
+def test_two_models_fill_predictions_and_the_primary_fills_instances(ray_local, tiny_card, shapes_data, tmp_path):
+    from conftest import make_polar_card
+
+    polar = make_polar_card(tmp_path / "zoo" / "tiny-polarmask")
+    out = tmp_path / "out"
+    cfg = _two_model_cfg(tiny_card, polar, shapes_data, out, "output.primary=tiny-polarmask")
+    result = run_workflow(cfg, run_id="two", progress=lambda m: None)
+    assert result.status == "complete" and result.counts["ok"] == 6
+    preds = read_committed(str(out), "predictions").to_pylist()
+    inst = read_committed(str(out), "instances").to_pylist()
+    by_source = {s: [r for r in preds if r["source"] == s] for s in {r["source"] for r in preds}}
+    assert set(by_source) == {"tiny-maskrcnn", "tiny-polarmask"}
+    assert all(len(v) > 0 for v in by_source.values())
+    key = lambda r: (r["image_id"], r["mask_rle"], r["score"])  # noqa: E731
+    assert sorted(map(key, inst)) == sorted(map(key, by_source["tiny-polarmask"]))
+    images = read_committed(str(out), "images").to_pylist()
+    assert sum(r["n_instances"] for r in images) == len(inst) == result.counts["instances"]
+    assert set(result.eval["per_model"]) == {"tiny-maskrcnn", "tiny-polarmask"}
+    assert result.eval["source"] == "tiny-polarmask"
+    assert result.eval["per_model"]["tiny-polarmask"]["n_predictions"] == result.eval["n_predictions"]
+    manifest = json.loads((out / "_segpipe" / "run.json").read_text())
+    assert [m["name"] for m in manifest["models"]] == ["tiny-maskrcnn", "tiny-polarmask"]
+    assert manifest["outputs"]["instances_source"] == "tiny-polarmask"
+    coco = COCO(str(out / "coco" / "instances.json"))
+    assert len(coco.anns) == len(inst)
+
+
+def test_unknown_primary_and_mismatched_categories_fail_before_any_work(tiny_card, shapes_data, tmp_path):
+    from conftest import make_polar_card
+
+    from segpipe.pipeline.run import WorkflowError
+
+    polar = make_polar_card(tmp_path / "zoo" / "p")
+    with pytest.raises(WorkflowError, match="output.primary"):
+        run_workflow(_two_model_cfg(tiny_card, polar, shapes_data, tmp_path / "o1", "output.primary=nope"), progress=lambda m: None)
+    other = make_polar_card(tmp_path / "zoo" / "q", name="nuclei-like", categories=[{"id": 1, "name": "nucleus"}])
+    with pytest.raises(WorkflowError, match="category set"):
+        run_workflow(_two_model_cfg(tiny_card, other, shapes_data, tmp_path / "o2"), progress=lambda m: None)
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()

@@ -78,7 +78,8 @@ def shard_tables(run_id: str, shard: int, *, with_error: bool = False) -> tuple[
     if with_error:
         images.append(image_row(run_id, iid + 1, f"bad{shard}.jpg", status="error", shard=shard))
         errors.append(error_row(run_id, iid + 1, f"bad{shard}.jpg"))
-    tables = {"instances": to_table("instances", inst), "images": to_table("images", images), "errors": to_table("errors", errors)}
+    tables = {"instances": to_table("instances", inst), "predictions": to_table("predictions", inst),
+              "images": to_table("images", images), "errors": to_table("errors", errors)}
     return tables, inst
 
 
@@ -223,6 +224,21 @@ def test_write_shard_publishes_and_leaves_no_staging(tmp_path: Path):
     assert not staging.exists() or not [p for p in staging.rglob("*") if p.is_file()]
     assert not [f for f in all_files(out) if ".tmp" in f]
     assert read_committed(str(out), "instances").num_rows == len(inst)
+
+
+def test_write_shard_publishes_only_the_tables_given(tmp_path: Path):
+    out = tmp_path / "out"
+    w = RunWriter(str(out), "run-a")
+    w.start()
+    tables, inst = shard_tables("run-a", 0)
+    del tables["predictions"]
+    marker = w.write_shard(0, tables, {})
+    assert set(marker["tables"]) == {"instances", "images", "errors"}
+    assert not (out / "predictions").exists()
+    assert read_committed(str(out), "predictions").num_rows == 0  # no marker lists it: empty, declared schema
+    assert read_committed(str(out), "instances").num_rows == len(inst)
+    with pytest.raises(ValueError, match="unknown table"):
+        w.write_shard(1, {"bogus": tables["images"]}, {})
 
 
 def test_read_committed_ignores_unmarked_shards(tmp_path: Path):

@@ -6,7 +6,7 @@ import pytest
 
 from segpipe.config import TrainConfig
 from segpipe.modeling.zoo import sha256_file
-from segpipe.train.maskrcnn import lr_at, train
+from segpipe.train.loop import lr_at, train
 
 from conftest import TINY_PARAMS
 

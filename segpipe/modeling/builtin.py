@@ -1,3 +1,4 @@
 """Imports every built-in method module so that its builder registers."""
 
 from segpipe.modeling import maskrcnn  # noqa: F401
+from segpipe.modeling import polarmask  # noqa: F401

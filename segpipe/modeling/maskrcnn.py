@@ -17,7 +17,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.models.detection.rpn import RPNHead
-from torchvision.models.detection.transform import resize_boxes
+from torchvision.models.detection.transform import GeneralizedRCNNTransform, resize_boxes
 from torchvision.ops import MultiScaleRoIAlign
 
 from segpipe.config import MaskRCNNParams, ModelCard
@@ -43,7 +43,7 @@ def build_network(*, params: MaskRCNNParams, num_classes: int) -> MaskRCNN:
         aspect_ratios=(tuple(params.aspect_ratios),) * len(params.anchor_sizes),
     )
     names = ["0", "1", "2", "3"]
-    return MaskRCNN(
+    net = MaskRCNN(
         backbone,
         num_classes=None,
         min_size=params.min_size,
@@ -67,6 +67,18 @@ def build_network(*, params: MaskRCNNParams, num_classes: int) -> MaskRCNN:
         mask_head=MaskRCNNHeads(c, params.mask_head_channels, 1),
         mask_predictor=MaskRCNNPredictor(params.mask_head_channels[-1], params.mask_head_channels[-1], num_classes + 1),
     )
+    if not params.resize:
+        t = net.transform
+        net.transform = NativeScaleTransform(t.min_size, t.max_size, t.image_mean, t.image_std)
+    return net
+
+
+class NativeScaleTransform(GeneralizedRCNNTransform):
+    """Normalises and batches like torchvision's transform but never resizes (objects keep their
+    pixel size, e.g. nuclei that are 5-140 px whatever the image size)."""
+
+    def resize(self, image, target=None):
+        return image, target
 
 
 @dataclass

@@ -90,7 +90,11 @@ def area(rles: Sequence[RLE]) -> np.ndarray:
     """N RLEs -> [N] pixel counts (int64)."""
     if len(rles) == 0:
         return np.zeros((0,), np.int64)
-    return np.asarray(mask_utils.area([_as_bytes(r) for r in rles]), dtype=np.int64).reshape(-1)
+    # pycocotools' area() sizes an internal uint8 array by the count: 256+ RLEs overflow under
+    # numpy 2, so ask in chunks of at most 255.
+    rl = [_as_bytes(r) for r in rles]
+    parts = [np.asarray(mask_utils.area(rl[i : i + 255]), dtype=np.int64).reshape(-1) for i in range(0, len(rl), 255)]
+    return np.concatenate(parts)
 
 
 def to_bbox(rles: Sequence[RLE]) -> np.ndarray:

@@ -24,6 +24,10 @@ class SourceEmptyError(ValueError):
     """The source matched no files."""
 
 
+class WorkflowError(ValueError):
+    """The workflow is valid on its own but not with the cards it names (field path first)."""
+
+
 @dataclass
 class RunResult:
     run_id: str
@@ -60,7 +64,26 @@ def _load_models(cfg: WorkflowConfig) -> list[_Model]:
         if not w.is_file() or sha256_file(w) != card.weights.sha256:
             raise WeightsError(f"model {card.name}: weights {w} missing or not matching the card's sha256")
         out.append(_Model(ref=str(path), card=card, version=card.version()))
+    names = [m.card.name for m in out]
+    if len(set(names)) != len(names):
+        raise WorkflowError(f"models: two stages load cards with the same name ({names})")
+    cats = [c.model_dump() for c in out[0].card.categories]
+    for m in out[1:]:
+        if [c.model_dump() for c in m.card.categories] != cats:
+            raise WorkflowError(f"models: {m.card.name} predicts other categories than {out[0].card.name}; "
+                             "models of one workflow must share a category set")
     return out
+
+
+def _primary(cfg: WorkflowConfig, models: list[_Model]) -> _Model:
+    """The model whose predictions fill instances/ (output.primary, default the first)."""
+    if cfg.output.primary is None:
+        return models[0]
+    for m in models:
+        if cfg.output.primary in (m.card.name, cfg.models[models.index(m)].model):
+            return m
+    raise WorkflowError(f"output.primary: {cfg.output.primary!r} is none of the workflow's models "
+                     f"({', '.join(m.card.name for m in models)})")
 
 
 def _init_ray(cfg: WorkflowConfig) -> bool:
@@ -90,6 +113,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
     t0 = time.perf_counter()
     run_id = run_id or new_run_id()
     models = _load_models(cfg)
+    primary = _primary(cfg, models)
     files = list_source(cfg.source.uri, patterns=cfg.source.patterns, recursive=cfg.source.recursive,
                         max_images=cfg.source.max_images, shard_size=cfg.source.shard_size)
     if not files:
@@ -103,7 +127,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
     n_shards = len({f.shard for f in files})
     progress(f"run {run_id}: {len(files)} images in {n_shards} shards from {cfg.source.uri}"
              + (f" ({len(committed)} shards already committed, resuming)" if committed else ""))
-    progress("models: " + ", ".join(m.version for m in models))
+    progress("models: " + ", ".join(m.version for m in models) + (f" (instances/ from {primary.card.name})" if len(models) > 1 else ""))
 
     started_ray = _init_ray(cfg)
     try:
@@ -112,7 +136,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
         stage_ms: dict[str, float] = defaultdict(float)
         if todo:
             ds = _build_dataset(cfg, models, todo, has_gpu)
-            _consume(cfg, ds, writer, run_id, models, expected, stage_ms, progress, t0)
+            _consume(cfg, ds, writer, run_id, models, primary, expected, stage_ms, progress, t0)
     except BaseException:
         writer.abort()
         raise
@@ -123,7 +147,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
     markers = read_markers(writer.fs, writer.root)
     counts = _totals(markers)
     processed_now = sum(int(mk["counts"]["images"]) for s, mk in markers.items() if s not in committed)
-    cats = [c.model_dump() for c in models[0].card.categories]
+    cats = [c.model_dump() for c in primary.card.categories]
     coco_counts = write_coco(writer, cats) if cfg.output.coco else None
     wall = time.perf_counter() - t0
     error_rate = counts["errors"] / max(counts["images"], 1)
@@ -131,7 +155,15 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
     if error_rate > cfg.pipeline.max_error_rate:
         status = "failed"
         reason = f"error rate {error_rate:.3f} exceeds pipeline.max_error_rate={cfg.pipeline.max_error_rate}"
-    eval_stats = evaluate_output(cfg.output.uri, cfg.eval.gt, max_dets=cfg.eval.max_dets) if cfg.eval.gt else None
+    eval_stats = None
+    if cfg.eval.gt:
+        eval_stats = evaluate_output(cfg.output.uri, cfg.eval.gt, max_dets=cfg.eval.max_dets)
+        eval_stats["source"] = primary.card.name
+        if len(models) > 1:
+            eval_stats["per_model"] = {
+                m.card.name: evaluate_output(cfg.output.uri, cfg.eval.gt, max_dets=cfg.eval.max_dets, table="predictions", source=m.card.name)
+                for m in models
+            }
     result = RunResult(
         run_id=run_id, output_uri=cfg.output.uri, status=status, counts=counts, wall_s=wall,
         images_per_s=processed_now / wall if wall > 0 else 0.0, stage_ms=dict(stage_ms),
@@ -154,7 +186,8 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
         "images_per_s": round(result.images_per_s, 3),
         "shards": sorted(markers),
         "resumed_shards": sorted(committed),
-        "outputs": {"tables": ["instances", "images", "errors"], "coco": "coco/instances.json" if coco_counts else None},
+        "outputs": {"tables": ["instances", "predictions", "images", "errors"], "instances_source": primary.card.name,
+                    "coco": "coco/instances.json" if coco_counts else None},
         "eval": eval_stats,
     }
     writer.finish(manifest)
@@ -214,14 +247,14 @@ def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceF
     return ds
 
 
-def _consume(cfg, ds, writer, run_id, models, expected, stage_ms, progress, t0) -> None:
-    """Drain the stream; commit each shard when its last row arrives."""
+def _consume(cfg, ds, writer, run_id, models, primary, expected, stage_ms, progress, t0) -> None:
+    """Drain the stream; commit each shard when its last row arrives. Every model's instances go
+    to predictions/, the primary model's also to instances/."""
     from segpipe.sinks.tables import instance_rows, to_table
     from segpipe.structures import Instances
 
-    m = models[0]
-    names = {c.id: c.name for c in m.card.categories}
-    pending: dict[int, dict[str, list]] = defaultdict(lambda: {"instances": [], "images": [], "errors": []})
+    names = {c.id: c.name for c in primary.card.categories}
+    pending: dict[int, dict[str, list]] = defaultdict(lambda: {"instances": [], "predictions": [], "images": [], "errors": []})
     seen: dict[int, int] = defaultdict(int)
     total = sum(expected.values())
     done = 0
@@ -231,14 +264,18 @@ def _consume(cfg, ds, writer, run_id, models, expected, stage_ms, progress, t0) 
         ok = not row["error_type"]
         n_inst = 0
         stage_ms["read"] += float(row["ms:read"])
-        stage_ms[m.card.name] += float(row[f"ms:{m.card.name}"])
+        for m in models:
+            stage_ms[m.card.name] += float(row[f"ms:{m.card.name}"])
         if ok:
-            inst = Instances.from_bytes(row[f"pred:{m.card.name}"])
-            rows = instance_rows(inst, run_id=run_id, image_id=int(row["image_id"]), image_uri=row["uri"],
-                                 model=m.card.name, model_version=m.version, category_names=names,
-                                 min_score=cfg.output.min_score)
-            tables["instances"].extend(rows)
-            n_inst = len(rows)
+            for m in models:
+                inst = Instances.from_bytes(row[f"pred:{m.card.name}"])
+                rows = instance_rows(inst, run_id=run_id, image_id=int(row["image_id"]), image_uri=row["uri"],
+                                     model=m.card.name, model_version=m.version, category_names=names,
+                                     min_score=cfg.output.min_score)
+                tables["predictions"].extend(rows)
+                if m is primary:
+                    tables["instances"].extend(rows)
+                    n_inst = len(rows)
         else:
             tables["errors"].append({"run_id": run_id, "image_id": int(row["image_id"]), "uri": row["uri"],
                                      "stage": row["error_stage"], "error_type": row["error_type"], "message": row["error_message"]})

@@ -66,7 +66,8 @@ ERRORS = pa.schema(
     ]
 )
 
-SCHEMAS = {"instances": INSTANCES, "images": IMAGES, "errors": ERRORS}
+# predictions/: every model's raw instances (source = the model), same columns as instances/.
+SCHEMAS = {"instances": INSTANCES, "predictions": INSTANCES, "images": IMAGES, "errors": ERRORS}
 
 
 def instance_rows(

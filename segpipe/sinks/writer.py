@@ -2,7 +2,7 @@
 
 Layout under the output root::
 
-    instances/shard-00000.parquet  images/...  errors/...      published tables
+    instances/shard-00000.parquet  predictions/...  images/...  errors/...   published tables
     _segpipe/shards/shard-00000.json                            commit marker (written last per shard)
     _segpipe/staging/<run_id>/shard-00000/<table>.parquet       in-flight writes
     coco/instances.json                                         COCO export
@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from segpipe.io.fs import resolve
 
-TABLES = ("instances", "images", "errors")
+TABLES = ("instances", "predictions", "images", "errors")
 
 
 class OutputExistsError(RuntimeError):
@@ -65,17 +65,22 @@ class RunWriter:
         return markers
 
     def write_shard(self, shard: int, tables: dict[str, pa.Table], summary: dict[str, Any]) -> dict:
-        """Stage every table, publish them, then write the shard's marker. Returns the marker."""
+        """Stage the given tables (names from TABLES), publish them, then write the shard's
+        marker, which lists exactly the tables published. Returns the marker."""
+        unknown = set(tables) - set(TABLES)
+        if unknown:
+            raise ValueError(f"unknown table(s) {sorted(unknown)}; expected some of {TABLES}")
+        names = [t for t in TABLES if t in tables]
         name = shard_name(shard)
         stage = self.path("_segpipe", "staging", self.run_id, name)
         self.fs.makedirs(stage, exist_ok=True)
-        for t in TABLES:
+        for t in names:
             with self.fs.open(f"{stage}/{t}.parquet", "wb") as f:
                 pq.write_table(tables[t], f)
-        for t in TABLES:
+        for t in names:
             self.fs.makedirs(self.path(t), exist_ok=True)
             self.fs.mv(f"{stage}/{t}.parquet", self.path(t, f"{name}.parquet"))
-        marker = {"run_id": self.run_id, "shard": shard, "tables": {t: f"{t}/{name}.parquet" for t in TABLES}, **summary}
+        marker = {"run_id": self.run_id, "shard": shard, "tables": {t: f"{t}/{name}.parquet" for t in names}, **summary}
         self.write_json(f"_segpipe/shards/{name}.json", marker)
         self.fs.rm(stage, recursive=True)
         return marker
@@ -118,12 +123,14 @@ def read_markers(fs: fsspec.AbstractFileSystem, root: str) -> dict[int, dict]:
 
 
 def read_committed(output_uri: str, table: str, fs: fsspec.AbstractFileSystem | None = None) -> pa.Table:
-    """Concatenate one table over committed shards only, cast to its declared schema."""
+    """Concatenate one table over committed shards only (those whose marker lists it), cast to its declared schema."""
     from segpipe.sinks.tables import SCHEMAS
 
     fs, root = resolve(output_uri, fs)
     parts = []
     for _, m in sorted(read_markers(fs, root).items()):
+        if table not in m["tables"]:
+            continue
         with fs.open(f"{root}/{m['tables'][table]}", "rb") as f:
             parts.append(pq.read_table(f).cast(SCHEMAS[table]))
     return pa.concat_tables(parts) if parts else SCHEMAS[table].empty_table()

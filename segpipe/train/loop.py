@@ -1,4 +1,4 @@
-"""Train the small Mask R-CNN on a domain and write a zoo entry (fp16 safetensors + card.yaml)."""
+"""The training loop of every method: train on a domain, then write a zoo entry (fp16 safetensors + card.yaml)."""
 
 from __future__ import annotations
 
@@ -14,28 +14,14 @@ from typing import Callable
 import torch
 import yaml
 
-from segpipe.config import MaskRCNNParams, MetricsRecord, ModelCard, TrainConfig
+from segpipe.config import MetricsRecord, ModelCard, TrainConfig
 from segpipe.data.coco import CocoInstances, collate
-from segpipe.data.synthetic import CATEGORIES, SynthSpec, write_dataset
 from segpipe.evaluation import evaluate, load_gt, predict_dataset
-from segpipe.modeling.maskrcnn import build_network
 from segpipe.modeling.zoo import save_weights
+from segpipe.train.domains import DomainData, prepare
+from segpipe.train.methods import METHODS
 
 Log = Callable[[str], None]
-
-
-def prepare_shapes(cfg: TrainConfig, log: Log) -> tuple[Path, Path]:
-    """Generate (or reuse) the train and val splits; returns their annotation paths."""
-    work = Path(cfg.work_dir)
-    paths = []
-    for split, n, seed in (("train", cfg.train_n, cfg.train_seed), ("val", cfg.val_n, cfg.val_seed)):
-        d = work / f"shapes-{split}-seed{seed}-n{n}"
-        ann = d / "annotations.json"
-        if not ann.is_file():
-            log(f"generating shapes {split}: n={n} seed={seed} -> {d}")
-            write_dataset(SynthSpec(n=n, seed=seed), d)
-        paths.append(ann)
-    return paths[0], paths[1]
 
 
 def lr_at(it: int, cfg: TrainConfig) -> float:
@@ -56,11 +42,14 @@ def train(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Pat
     run_dir = Path(cfg.work_dir) / name
     run_dir.mkdir(parents=True, exist_ok=True)
     log = _tee(log, run_dir / "train.log")
-    train_ann, val_ann = prepare_shapes(cfg, log)
-    params = MaskRCNNParams.model_validate(cfg.params)
-    cat_ids = [c["id"] for c in CATEGORIES]
-    net = build_network(params=params, num_classes=len(cat_ids))
-    ds = CocoInstances(train_ann, train_ann.parent / "images", category_ids=cat_ids, flips=True, seed=cfg.seed)
+    data = prepare(cfg, log)
+    method = METHODS[cfg.method]
+    params = method.params.model_validate(cfg.params)
+    cat_ids = [c["id"] for c in data.categories]
+    net = method.build(params=params, num_classes=len(cat_ids))
+    ds = CocoInstances(data.train_ann, data.train_images, category_ids=cat_ids, flips=True, crop=cfg.crop, seed=cfg.seed)
+    log(f"{cfg.method} on {cfg.domain}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters, "
+        f"{len(ds)} training images, crop {cfg.crop}, {cfg.iterations} iterations x batch {cfg.batch_size}")
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt = run_dir / "ckpt.pt"
     it, elapsed = 0, 0.0
@@ -109,10 +98,10 @@ def train(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Pat
         epoch += 1
     wall = time.time() - t0
     log(f"training done: {it} iterations in {wall:.0f}s")
-    return write_entry(cfg, net, out, val_ann, wall, log, command)
+    return write_entry(cfg, net, out, data, wall, log, command)
 
 
-def write_entry(cfg: TrainConfig, net: torch.nn.Module, out: Path, val_ann: Path, wall: float, log: Log, command: str | None) -> Path:
+def write_entry(cfg: TrainConfig, net: torch.nn.Module, out: Path, data: DomainData, wall: float, log: Log, command: str | None) -> Path:
     """Save fp16 weights, validate the saved (fp16-rounded) weights, write the card."""
     out.mkdir(parents=True, exist_ok=True)
     log_file = Path(cfg.work_dir) / cfg.model_name / "train.log"
@@ -120,22 +109,20 @@ def write_entry(cfg: TrainConfig, net: torch.nn.Module, out: Path, val_ann: Path
         shutil.copyfile(log_file, out / "train.log")
     wfile = out / "weights.safetensors"
     digest = save_weights(net, wfile)
+    method = METHODS[cfg.method]
+    augment = "random h/v flips and 90-degree rotations" + (f", random {cfg.crop}x{cfg.crop} crops" if cfg.crop else "")
     card = ModelCard(
         name=cfg.model_name,
-        family="detection",
-        paper="Mask R-CNN, He, Gkioxari, Dollar, Girshick, ICCV 2017 (arXiv:1703.06870)",
-        builder="maskrcnn",
-        params=MaskRCNNParams.model_validate(cfg.params).model_dump(mode="json"),
-        categories=[{"id": c["id"], "name": c["name"]} for c in CATEGORIES],
+        family=method.family,
+        paper=method.paper,
+        builder=method.builder,
+        params=method.params.model_validate(cfg.params).model_dump(mode="json"),
+        categories=data.categories,
         input={"color": "RGB", "dtype": "uint8", "range": [0, 255]},
         weights={"file": wfile.name, "sha256": digest, "format": "safetensors", "dtype": "float16"},
         training={
-            "command": command or "segpipe train maskrcnn --domain shapes",
-            "data": {
-                "generator": "segpipe.data.synthetic",
-                "train": SynthSpec(n=cfg.train_n, seed=cfg.train_seed).model_dump(mode="json"),
-                "augmentation": "random h/v flips and 90-degree rotations",
-            },
+            "command": command or f"segpipe train {cfg.method} --domain {cfg.domain}",
+            "data": data.train_record | {"augmentation": augment},
             "seed": cfg.seed,
             "iterations": cfg.iterations,
             "batch_size": cfg.batch_size,
@@ -150,16 +137,16 @@ def write_entry(cfg: TrainConfig, net: torch.nn.Module, out: Path, val_ann: Path
     from segpipe.modeling.zoo import load_adapter
 
     adapter, _ = load_adapter(str(out / "card.yaml"))
-    gt = load_gt(val_ann)
+    gt = load_gt(data.val_ann)
     t = time.time()
-    stats = evaluate(gt, predict_dataset(adapter, gt, val_ann.parent / "images"), max_dets=100)
+    stats = evaluate(gt, predict_dataset(adapter, gt, data.val_images), max_dets=data.max_dets)
     log(f"validation ({time.time() - t:.0f}s): AP={stats['AP']:.3f} AP50={stats['AP50']:.3f} AP75={stats['AP75']:.3f}")
     card.metrics = [
         MetricsRecord(
-            split=f"shapes val: segpipe.data.synthetic n={cfg.val_n} seed={cfg.val_seed} (seed never used in training)",
-            command=f"segpipe data synth --out VAL --n {cfg.val_n} --seed {cfg.val_seed} && segpipe models eval {cfg.model_name} --gt VAL/annotations.json",
+            split=data.val_split,
+            command=data.eval_command,
             values={k: round(float(stats[k]), 4) for k in ["AP", "AP50", "AP75", "APs", "APm", "APl", "ARmax"]}
-            | {f"AP[{k}]": round(v, 4) for k, v in stats["per_category"].items()},
+            | {f"AP[{k}]": round(v, 4) for k, v in stats["per_category"].items()} | {"maxDets": data.max_dets},
         )
     ]
     card = ModelCard.model_validate(card.model_dump())

@@ -1,0 +1,41 @@
+"""What ``segpipe train`` needs to know about each method: its parameters, network and card text."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from pydantic import BaseModel
+
+from segpipe.config import MaskRCNNParams, PolarMaskParams
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    params: type[BaseModel]
+    build: Callable[..., torch.nn.Module]  # build(params=..., num_classes=...) -> train-mode net returning a loss dict
+    builder: str  # the modeling registry key written into cards
+    family: str
+    paper: str
+
+
+def _maskrcnn(**kw):
+    from segpipe.modeling.maskrcnn import build_network
+
+    return build_network(**kw)
+
+
+def _polarmask(**kw):
+    from segpipe.modeling.polarmask import build_network
+
+    return build_network(**kw)
+
+
+METHODS: dict[str, MethodSpec] = {
+    "maskrcnn": MethodSpec(MaskRCNNParams, _maskrcnn, "maskrcnn", "detection",
+                           "Mask R-CNN, He, Gkioxari, Dollar, Girshick, ICCV 2017 (arXiv:1703.06870)"),
+    "polarmask": MethodSpec(PolarMaskParams, _polarmask, "polarmask", "single-shot polar",
+                            "PolarMask: Single Shot Instance Segmentation with Polar Representation, "
+                            "Xie et al., CVPR 2020 (arXiv:1909.13226)"),
+}
