@@ -155,6 +155,14 @@ def test_two_models_fill_predictions_and_the_primary_fills_instances(ray_local, 
     assert manifest["outputs"]["instances_source"] == "tiny-polarmask"
     coco = COCO(str(out / "coco" / "instances.json"))
     assert len(coco.anns) == len(inst)
+    from typer.testing import CliRunner
+
+    from segpipe.cli import app
+
+    r = CliRunner().invoke(app, ["eval", "--pred", str(out), "--gt", str(shapes_data / "annotations.json"),
+                                 "--model", "tiny-maskrcnn", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["n_predictions"] == result.eval["per_model"]["tiny-maskrcnn"]["n_predictions"]
 
 
 def test_unknown_primary_and_mismatched_categories_fail_before_any_work(tiny_card, shapes_data, tmp_path):
