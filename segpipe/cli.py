@@ -60,6 +60,25 @@ def data_synth(
     typer.echo(f"wrote {n} images, {n_ann} instances: {path}")
 
 
+@data_app.command("polar-bound")
+def data_polar_bound(
+    gt: Annotated[str, typer.Option(help="COCO ground truth json (path or URI)")],
+    n_rays: Annotated[int, typer.Option(help="rays per polygon")] = 36,
+    max_dets: Annotated[int, typer.Option()] = 100,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """The mask AP ceiling of a polar representation: every ground-truth mask re-drawn as its
+    n-ray polygon from the mass centre, scored against the ground truth."""
+    from segpipe.evaluation import evaluate, format_table, load_gt, polar_bound_results
+
+    if n_rays < 4:
+        _fail("--n-rays: must be at least 4")
+    g = load_gt(gt)
+    stats = evaluate(g, polar_bound_results(g, n_rays), max_dets=max_dets)
+    stats["n_rays"] = n_rays
+    typer.echo(json.dumps(stats) if as_json else f"polar ceiling, {n_rays} rays\n" + format_table(stats))
+
+
 # --- train ----------------------------------------------------------------------------------
 
 

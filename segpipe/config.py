@@ -125,6 +125,7 @@ class TrainingRecord(Strict):
     wall_time_s: float
     hardware: str
     log: str | None = None
+    config: dict[str, Any] | None = Field(None, description="the resolved TrainConfig (recipe defaults included)")
 
 
 class MetricsRecord(Strict):
@@ -307,7 +308,7 @@ TRAIN_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
             "rpn_pre_nms_top_n_test": 4000, "rpn_post_nms_top_n_test": 2000,
         },
     },
-    ("polarmask", "shapes"): {"iterations": 4000, "lr": 2e-3},
+    ("polarmask", "shapes"): {"iterations": 6000, "lr": 2e-3},
     ("polarmask", "nuclei"): {"iterations": 4000, "crop": 256, "lr": 2e-3, "warmup": 200},
 }
 

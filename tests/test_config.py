@@ -416,3 +416,16 @@ def test_train_config_bad_values(field, value):
     with pytest.raises(ValidationError) as err:
         TrainConfig.model_validate({field: value})
     assert (field,) in error_locs(err.value)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "workflows").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_bundled_workflow_validates_and_names_zoo_models(path):
+    from segpipe.modeling.zoo import list_cards
+
+    cfg = load_workflow(path)
+    assert {m.model for m in cfg.models} <= set(list_cards())
+    if cfg.output.primary is not None:
+        assert cfg.output.primary in {m.model for m in cfg.models}
+    if path.name == "nuclei-demo.yaml":  # runnable as is from the checkout's root
+        root = path.parents[1]
+        assert (root / cfg.source.uri).is_dir() and (root / cfg.eval.gt).is_file() and cfg.eval.max_dets == 1000

@@ -293,3 +293,50 @@ def test_evaluate_output_no_match_raises(tmp_path: Path, gt_path):
     _write_output(out, other, [1], shards=1)
     with pytest.raises(ValueError, match="no image"):
         evaluate_output(str(out), gt_path)
+
+
+# --- the polar ceiling ----------------------------------------------------------------------------
+
+
+def _two_shape_gt() -> dict:
+    yy, xx = np.mgrid[:64, :128]
+    disk = ((xx + 0.5 - 32) ** 2 + (yy + 0.5 - 32) ** 2 <= 20**2)
+    r2 = (xx + 0.5 - 96) ** 2 + (yy + 0.5 - 32) ** 2
+    ring = (r2 <= 20**2) & (r2 >= 12**2)  # a hole no polygon from the centre can keep
+    anns = []
+    for k, (m, cat) in enumerate(((disk, 1), (ring, 3))):
+        rle = mask_ops.encode(m[None].astype(np.uint8))[0]
+        anns.append({"id": k + 1, "image_id": 1, "category_id": cat, "segmentation": rle, "area": int(m.sum()),
+                     "bbox": [float(v) for v in mask_ops.to_bbox([rle])[0]], "iscrowd": 0})
+    return {"images": [{"id": 1, "file_name": "a.png", "height": 64, "width": 128}], "annotations": anns,
+            "categories": [{"id": c["id"], "name": c["name"]} for c in CATEGORIES]}
+
+
+def test_polar_bound_keeps_convex_shapes_and_loses_holes():
+    from segpipe.evaluation import polar_bound_results
+
+    g = load_gt(_two_shape_gt())
+    res = polar_bound_results(g, n_rays=36)
+    assert [r["category_id"] for r in res] == [1, 3] and all(r["score"] == 1.0 for r in res)
+    ious = [mask_ops.iou([r["segmentation"]], [g.anns[k + 1]["segmentation"]])[0, 0] for k, r in enumerate(res)]
+    assert ious[0] > 0.95  # the disk
+    assert ious[1] < 0.7  # the ring's polygon fills its hole: (20^2 - 12^2) / 20^2 = 0.64
+    stats = evaluate(g, res)
+    assert stats["per_category"]["ellipse"] > 0.9
+    assert stats["per_category"]["ring"] == pytest.approx(0.3)  # IoU ~0.64 passes only the thresholds .50, .55, .60
+
+
+def test_polar_bound_cli(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from segpipe.cli import app
+
+    p = tmp_path / "gt.json"
+    p.write_text(json.dumps(_two_shape_gt(), default=lambda o: o.decode() if isinstance(o, bytes) else o))
+    r = CliRunner().invoke(app, ["data", "polar-bound", "--gt", str(p), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["n_rays"] == 36
+    r = CliRunner().invoke(app, ["data", "polar-bound", "--gt", str(p), "--n-rays", "2"])
+    assert r.exit_code == 2 and "--n-rays" in r.output

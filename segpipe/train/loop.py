@@ -129,6 +129,7 @@ def write_entry(cfg: TrainConfig, net: torch.nn.Module, out: Path, data: DomainD
             "wall_time_s": round(wall, 1),
             "hardware": f"{platform.machine()} CPU x{torch.get_num_threads()} threads, torch {torch.__version__}, python {sys.version.split()[0]}",
             "log": "train.log" if (out / "train.log").is_file() else None,
+            "config": cfg.model_dump(mode="json", exclude={"work_dir", "out"}),
         },
         license="Apache-2.0",
     )
