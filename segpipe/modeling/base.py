@@ -14,6 +14,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from segpipe.ops.shapes import check_shape
 from segpipe.structures import Instances
 
 
@@ -23,6 +24,7 @@ class ModelAdapter(ABC):
     def __init__(self, *, network: torch.nn.Module, categories: list[dict], device: str = "cpu") -> None:
         self.network = network
         self.categories = categories
+        self.category_ids = np.asarray([c["id"] for c in categories], np.int64)  # label k (1-based) -> ids[k-1]
         self.device = torch.device(device)
 
     def to(self, device: str) -> "ModelAdapter":
@@ -42,6 +44,19 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def postprocess(self, raw: Any, batch: Any) -> list[Instances]: ...
+
+    @staticmethod
+    def to_tensors(images: Sequence[np.ndarray]) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
+        """RGB uint8 [H, W, 3] arrays -> (float [3, H, W] tensors in [0, 1], their (H, W))."""
+        tensors, sizes = [], []
+        for img in images:
+            check_shape(img, ["H", "W", 3], "image")
+            if img.dtype != np.uint8:
+                raise TypeError(f"image must be uint8 RGB, got {img.dtype}")
+            arr = np.ascontiguousarray(img) if img.flags.writeable else img.copy()  # torch needs writable memory
+            tensors.append(torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0))
+            sizes.append((int(img.shape[0]), int(img.shape[1])))
+        return tensors, sizes
 
     def predict(self, images: Sequence[np.ndarray]) -> list[Instances]:
         batch = self.preprocess(images)

@@ -26,7 +26,6 @@ from segpipe.modeling.base import ModelAdapter
 from segpipe.modeling.registry import register
 from segpipe.ops import masks as mask_ops
 from segpipe.ops.boxes import clip_xyxy
-from segpipe.ops.shapes import check_shape
 from segpipe.structures import Instances
 
 
@@ -90,10 +89,6 @@ class MaskRCNNBatch:
 class MaskRCNNAdapter(ModelAdapter):
     """Adapter for :func:`build_network`; category ids are the card's, in order (label i -> ids[i-1])."""
 
-    def __init__(self, *, network: MaskRCNN, categories: list[dict], device: str = "cpu") -> None:
-        super().__init__(network=network, categories=categories, device=device)
-        self.category_ids = np.asarray([c["id"] for c in categories], np.int64)
-
     @classmethod
     def from_card(cls, card: ModelCard) -> "MaskRCNNAdapter":
         params = MaskRCNNParams.model_validate(card.params)
@@ -104,14 +99,7 @@ class MaskRCNNAdapter(ModelAdapter):
         self.network.roi_heads.score_thresh = float(value)
 
     def preprocess(self, images: Sequence[np.ndarray]) -> MaskRCNNBatch:
-        tensors, sizes = [], []
-        for img in images:
-            check_shape(img, ["H", "W", 3], "image")
-            if img.dtype != np.uint8:
-                raise TypeError(f"image must be uint8 RGB, got {img.dtype}")
-            arr = np.ascontiguousarray(img) if img.flags.writeable else img.copy()  # torch needs writable memory
-            tensors.append(torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0))
-            sizes.append((int(img.shape[0]), int(img.shape[1])))
+        tensors, sizes = self.to_tensors(images)
         return MaskRCNNBatch(tensors=tensors, sizes=sizes)
 
     def forward(self, batch: MaskRCNNBatch) -> list[dict[str, torch.Tensor]]:

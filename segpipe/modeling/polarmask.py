@@ -217,10 +217,6 @@ class PolarMaskAdapter(ModelAdapter):
     box-frame soft mask) is the polygon's fractional coverage of each 28x28 cell of its box
     (4x supersampled), a documented substitute for a predicted probability map."""
 
-    def __init__(self, *, network: PolarMask, categories: list[dict], device: str = "cpu") -> None:
-        super().__init__(network=network, categories=categories, device=device)
-        self.category_ids = np.asarray([c["id"] for c in categories], np.int64)
-
     @classmethod
     def from_card(cls, card: ModelCard) -> "PolarMaskAdapter":
         params = PolarMaskParams.model_validate(card.params)
@@ -231,14 +227,7 @@ class PolarMaskAdapter(ModelAdapter):
         self.network.params = self.network.params.model_copy(update={"score_thresh": float(value)})
 
     def preprocess(self, images: Sequence[np.ndarray]) -> PolarBatch:
-        tensors, sizes = [], []
-        for img in images:
-            check_shape(img, ["H", "W", 3], "image")
-            if img.dtype != np.uint8:
-                raise TypeError(f"image must be uint8 RGB, got {img.dtype}")
-            arr = np.ascontiguousarray(img) if img.flags.writeable else img.copy()
-            tensors.append(torch.from_numpy(arr).permute(2, 0, 1).float().div_(255.0))
-            sizes.append((int(img.shape[0]), int(img.shape[1])))
+        tensors, sizes = self.to_tensors(images)
         return PolarBatch(tensors=tensors, sizes=sizes)
 
     def forward(self, batch: PolarBatch) -> list[dict[str, torch.Tensor]]:
