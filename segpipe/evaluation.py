@@ -176,7 +176,7 @@ def output_results(output_uri: str, *, table: str = "instances", source: str | N
     return images, results
 
 
-def evaluate_output(output_uri: str, gt_path: str | Path, *, max_dets: int = 100, table: str = "instances",
+def evaluate_output(output_uri: str, gt_path: str | Path | dict, *, max_dets: int = 100, table: str = "instances",
                     source: str | None = None) -> dict:
     """Score a run output against a COCO ground truth; images are matched by file name.
 
@@ -187,7 +187,8 @@ def evaluate_output(output_uri: str, gt_path: str | Path, *, max_dets: int = 100
     pred = {"images": [{"id": im["image_id"], "file_name": im["relpath"]} for im in images], "annotations": results}
     remapped, ids = remap_to_gt(gt, pred)
     if not ids:
-        raise ValueError(f"no image of {output_uri} matches a file name in {gt_path}")
+        where = "the ground truth" if isinstance(gt_path, dict) else str(gt_path)
+        raise ValueError(f"no image of {output_uri} matches a file name in {where}")
     stats = evaluate(gt, remapped, max_dets=max_dets, image_ids=ids)
     stats["n_gt_images"] = len(gt.getImgIds())
     return stats

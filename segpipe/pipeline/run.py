@@ -79,8 +79,8 @@ def _primary(cfg: WorkflowConfig, models: list[_Model]) -> _Model:
     """The model whose predictions fill instances/ (output.primary, default the first)."""
     if cfg.output.primary is None:
         return models[0]
-    for m in models:
-        if cfg.output.primary in (m.card.name, cfg.models[models.index(m)].model):
+    for stage, m in zip(cfg.models, models):
+        if cfg.output.primary in (m.card.name, stage.model):
             return m
     raise WorkflowError(f"output.primary: {cfg.output.primary!r} is none of the workflow's models "
                      f"({', '.join(m.card.name for m in models)})")
@@ -157,11 +157,14 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
         reason = f"error rate {error_rate:.3f} exceeds pipeline.max_error_rate={cfg.pipeline.max_error_rate}"
     eval_stats = None
     if cfg.eval.gt:
-        eval_stats = evaluate_output(cfg.output.uri, cfg.eval.gt, max_dets=cfg.eval.max_dets)
+        from segpipe.data.coco import read_json
+
+        gt = read_json(cfg.eval.gt)  # read once, scored once per table/model
+        eval_stats = evaluate_output(cfg.output.uri, gt, max_dets=cfg.eval.max_dets)
         eval_stats["source"] = primary.card.name
         if len(models) > 1:
             eval_stats["per_model"] = {
-                m.card.name: evaluate_output(cfg.output.uri, cfg.eval.gt, max_dets=cfg.eval.max_dets, table="predictions", source=m.card.name)
+                m.card.name: evaluate_output(cfg.output.uri, gt, max_dets=cfg.eval.max_dets, table="predictions", source=m.card.name)
                 for m in models
             }
     result = RunResult(
