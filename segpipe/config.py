@@ -216,6 +216,60 @@ class PolarMaskParams(Strict):
         return self
 
 
+class EmbedNetParams(Strict):
+    """The shared encoder-decoder of the embedding methods (segpipe.modeling.embednet).
+
+    Encoder levels at strides 2, 4, 8, 16 with ``channels``; a dilated context block at the
+    bottom; a U-Net decoder back to stride 2; a full-resolution refinement that also sees the
+    image through ``full_res_channels`` convolutions; 1x1 heads at stride 1.
+    """
+
+    channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128], min_length=2)
+    full_res_channels: int = Field(8, ge=1)
+    context_dilations: list[int] = Field(default_factory=lambda: [2, 4], description="dilated 3x3 convs at the bottom")
+
+
+class SpatialEmbParams(EmbedNetParams):
+    """SpatialEmbeddings (Neven et al., CVPR 2019): offsets to the instance centre, a learned
+    clustering bandwidth and per-class seediness. Coordinates are in units of ``coord_scale`` pixels."""
+
+    coord_scale: float = Field(128.0, gt=0, description="pixels per embedding unit; offsets reach +-1 unit (tanh)")
+    n_sigma: int = Field(2, ge=1, le=2, description="1: one bandwidth; 2: separate x and y bandwidths")
+    w_instance: float = Field(1.0, ge=0)
+    w_var: float = Field(10.0, ge=0, description="smoothness of sigma inside an instance")
+    w_seed: float = Field(1.0, ge=0)
+    fg_weight: float = Field(10.0, gt=0, description="seed-loss weight of instance pixels (background = 1)")
+    fg_thresh: float = Field(0.5, gt=0, lt=1, description="seediness above which a pixel is foreground")
+    seed_thresh: float = Field(0.5, gt=0, lt=1, description="lowest seediness that starts an instance")
+    min_pixels: int = Field(8, ge=1, description="smallest instance kept, pixels")
+    max_instances: int = Field(1000, ge=1, description="instances per image at most")
+
+
+class DiscLossParams(EmbedNetParams):
+    """Discriminative loss (De Brabandere, Neven, Van Gool, 2017): per-pixel embeddings pulled
+    within ``delta_v`` of their instance mean, means pushed ``2 * delta_d`` apart, plus a
+    semantic head (background + classes)."""
+
+    embed_dim: int = Field(8, ge=1)
+    delta_v: float = Field(0.5, gt=0, description="pull margin")
+    delta_d: float = Field(1.5, gt=0, description="push margin (half the distance between means)")
+    w_var: float = Field(1.0, ge=0)
+    w_dist: float = Field(1.0, ge=0)
+    w_reg: float = Field(0.001, ge=0)
+    w_semantic: float = Field(1.0, ge=0)
+    fg_thresh: float = Field(0.5, gt=0, lt=1, description="foreground probability needed to be clustered")
+    bandwidth: float | None = Field(None, gt=0, description="mean-shift radius; default delta_d")
+    shift_iters: int = Field(10, ge=0)
+    min_pixels: int = Field(8, ge=1, description="smallest instance kept, pixels")
+    max_instances: int = Field(1000, ge=1)
+
+    @model_validator(mode="after")
+    def _margins(self) -> "DiscLossParams":
+        if self.delta_d <= self.delta_v:
+            raise ValueError("delta_d must exceed delta_v (clusters could not be told apart)")
+        return self
+
+
 # --- helpers ------------------------------------------------------------------------------
 
 
@@ -310,6 +364,10 @@ TRAIN_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
     },
     ("polarmask", "shapes"): {"iterations": 6000, "lr": 2e-3},
     ("polarmask", "nuclei"): {"iterations": 4000, "crop": 256, "lr": 2e-3, "warmup": 200},
+    ("spatialemb", "shapes"): {"iterations": 4000, "warmup": 200},
+    ("spatialemb", "nuclei"): {"iterations": 3000, "crop": 256, "warmup": 200},
+    ("discloss", "shapes"): {"iterations": 4000, "warmup": 200},
+    ("discloss", "nuclei"): {"iterations": 4000, "crop": 256, "warmup": 200},
 }
 
 
@@ -319,7 +377,7 @@ class TrainConfig(Strict):
     Fields left unset take the (method, domain) recipe of ``TRAIN_RECIPES`` first, then the
     defaults below."""
 
-    method: Literal["maskrcnn", "polarmask"] = "maskrcnn"
+    method: Literal["maskrcnn", "polarmask", "spatialemb", "discloss"] = "maskrcnn"
     domain: Literal["shapes", "nuclei"] = "shapes"
     data: str | None = Field(None, description="nuclei: folder or URI with train.json, val.json, images/; "
                                                "default $SEGPIPE_NUCLEI, else ../shared/data/nuclei")

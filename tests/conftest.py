@@ -86,6 +86,33 @@ def make_polar_card(folder: Path, name: str = "tiny-polarmask", categories: list
     return folder / "card.yaml"
 
 
+TINY_EMBED_PARAMS = {"channels": [4, 8, 8], "full_res_channels": 2, "context_dilations": [2],
+                     "fg_thresh": 0.05, "min_pixels": 4, "max_instances": 50}
+
+
+def make_embed_card(folder: Path, method: str, name: str | None = None, categories: list[dict] | None = None, seed: int = 0) -> Path:
+    """Write an untrained tiny SpatialEmbeddings (``method='spatialemb'``) or discriminative-loss
+    (``'discloss'``) zoo entry. Low foreground thresholds make untrained weights still emit instances."""
+    import torch
+
+    from segpipe.data.synthetic import CATEGORIES
+    from segpipe.modeling.zoo import save_weights
+    from segpipe.train.methods import METHODS
+
+    spec = METHODS[method]
+    cats = categories or [{"id": c["id"], "name": c["name"]} for c in CATEGORIES]
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    extra = {"seed_thresh": 0.05} if method == "spatialemb" else {}
+    p = spec.params.model_validate(TINY_EMBED_PARAMS | extra)
+    digest = save_weights(spec.build(params=p, num_classes=len(cats)), folder / "weights.safetensors")
+    card = {"name": name or f"tiny-{method}", "family": spec.family, "paper": f"{method} (test fixture, untrained)",
+            "builder": spec.builder, "params": p.model_dump(mode="json"), "categories": cats,
+            "weights": {"file": "weights.safetensors", "sha256": digest, "format": "safetensors", "dtype": "float16"}}
+    (folder / "card.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
+    return folder / "card.yaml"
+
+
 @pytest.fixture(scope="session")
 def tiny_card(tmp_path_factory) -> Path:
     return make_card(tmp_path_factory.mktemp("zoo") / "tiny-maskrcnn")

@@ -165,6 +165,35 @@ def test_two_models_fill_predictions_and_the_primary_fills_instances(ray_local, 
     assert json.loads(r.output)["n_predictions"] == result.eval["per_model"]["tiny-maskrcnn"]["n_predictions"]
 
 
+def test_four_methods_run_side_by_side_one_actor_pool_each(ray_local, tiny_card, shapes_data, tmp_path):
+    """Mask R-CNN, PolarMask, SpatialEmbeddings and the discriminative loss in one workflow."""
+    from conftest import make_embed_card, make_polar_card
+
+    from segpipe.config import WorkflowConfig
+
+    cards = [make_polar_card(tmp_path / "zoo" / "tiny-polarmask"),
+             make_embed_card(tmp_path / "zoo" / "tiny-spatialemb", "spatialemb"),
+             make_embed_card(tmp_path / "zoo" / "tiny-discloss", "discloss")]
+    out = tmp_path / "out"
+    data = _two_model_cfg(tiny_card, cards[0], shapes_data, out, "models.0.num_cpus=0.4").model_dump(mode="json")
+    data["models"][1]["num_cpus"] = 0.4
+    data["models"] += [{"model": str(c), "num_cpus": 0.4, "batch_size": 2} for c in cards[1:]]
+    result = run_workflow(WorkflowConfig.model_validate(data), run_id="four", progress=lambda m: None)
+    assert result.status == "complete" and result.counts["ok"] == 6
+    names = ["tiny-maskrcnn", "tiny-polarmask", "tiny-spatialemb", "tiny-discloss"]
+    manifest = json.loads((out / "_segpipe" / "run.json").read_text())
+    assert [m["name"] for m in manifest["models"]] == names
+    assert [m["card"]["builder"] for m in manifest["models"]] == ["maskrcnn", "polarmask", "spatialemb", "discloss"]
+    preds = read_committed(str(out), "predictions").to_pylist()
+    counts = {n: sum(r["source"] == n for r in preds) for n in names}
+    assert counts["tiny-spatialemb"] > 0 and counts["tiny-discloss"] > 0, counts
+    assert set(result.eval["per_model"]) == set(names)
+    for r in preds:
+        if r["source"] in ("tiny-spatialemb", "tiny-discloss"):
+            assert len(r["model_versions"]) == 1 and r["model_versions"][0].startswith(r["source"] + "@")
+            assert r["area"] >= 4  # the cards' min_pixels
+
+
 def test_unknown_primary_and_mismatched_categories_fail_before_any_work(tiny_card, shapes_data, tmp_path):
     from conftest import make_polar_card
 

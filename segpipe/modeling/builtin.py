@@ -2,3 +2,5 @@
 
 from segpipe.modeling import maskrcnn  # noqa: F401
 from segpipe.modeling import polarmask  # noqa: F401
+from segpipe.modeling import spatialemb  # noqa: F401
+from segpipe.modeling import discloss  # noqa: F401

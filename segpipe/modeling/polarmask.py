@@ -25,11 +25,11 @@ from torchvision.ops import batched_nms, sigmoid_focal_loss
 from segpipe.config import ModelCard, PolarMaskParams
 from segpipe.modeling.backbones import SmallResNetFPN
 from segpipe.modeling.base import ModelAdapter
+from segpipe.modeling.batching import pad_batch
 from segpipe.modeling.registry import register
 from segpipe.ops import masks as mask_ops
 from segpipe.ops import polar
 from segpipe.ops.boxes import clip_xyxy
-from segpipe.ops.shapes import check_shape
 from segpipe.structures import SOFT_MASK_SIZE, Instances
 
 STRIDES = [4, 8, 16, 32, 64]  # of the backbone's FPN outputs '0', '1', '2', '3', 'pool'
@@ -88,19 +88,8 @@ class PolarMask(nn.Module):
                                        fpn_channels=params.fpn_channels)
         self.head = PolarHead(params.fpn_channels, num_classes, params.n_rays, len(self.strides), params.tower_convs)
 
-    def _batch(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        hs = max(int(i.shape[1]) for i in images)
-        ws = max(int(i.shape[2]) for i in images)
-        hp, wp = -(-hs // PAD) * PAD, -(-ws // PAD) * PAD
-        x = images[0].new_zeros((len(images), 3, hp, wp))
-        for k, im in enumerate(images):
-            x[k, :, : im.shape[1], : im.shape[2]] = (im - 0.5) / 0.25
-        return x  # padding is 0 after normalisation (mid-grey), as in torchvision's transform
-
     def forward(self, images: Sequence[torch.Tensor], targets: Sequence[dict] | None = None):
-        for im in images:
-            check_shape(im, [3, "H", "W"], "image")
-        feats = self.backbone(self._batch(images))
+        feats = self.backbone(pad_batch(images, PAD))
         outs = self.head([feats[k] for k in self.keys], self.strides)
         if self.training:
             if targets is None:

@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from pydantic import BaseModel
 
-from segpipe.config import MaskRCNNParams, PolarMaskParams
+from segpipe.config import DiscLossParams, MaskRCNNParams, PolarMaskParams, SpatialEmbParams
 
 
 @dataclass(frozen=True)
@@ -32,10 +32,28 @@ def _polarmask(**kw):
     return build_network(**kw)
 
 
+def _spatialemb(**kw):
+    from segpipe.modeling.spatialemb import build_network
+
+    return build_network(**kw)
+
+
+def _discloss(**kw):
+    from segpipe.modeling.discloss import build_network
+
+    return build_network(**kw)
+
+
 METHODS: dict[str, MethodSpec] = {
     "maskrcnn": MethodSpec(MaskRCNNParams, _maskrcnn, "maskrcnn", "detection",
                            "Mask R-CNN, He, Gkioxari, Dollar, Girshick, ICCV 2017 (arXiv:1703.06870)"),
     "polarmask": MethodSpec(PolarMaskParams, _polarmask, "polarmask", "single-shot polar",
                             "PolarMask: Single Shot Instance Segmentation with Polar Representation, "
                             "Xie et al., CVPR 2020 (arXiv:1909.13226)"),
+    "spatialemb": MethodSpec(SpatialEmbParams, _spatialemb, "spatialemb", "embedding",
+                             "Instance Segmentation by Jointly Optimizing Spatial Embeddings and Clustering Bandwidth, "
+                             "Neven, De Brabandere, Proesmans, Van Gool, CVPR 2019 (arXiv:1906.11109)"),
+    "discloss": MethodSpec(DiscLossParams, _discloss, "discloss", "embedding",
+                           "Semantic Instance Segmentation with a Discriminative Loss Function, "
+                           "De Brabandere, Neven, Van Gool, CVPR-W 2017 (arXiv:1708.02551)"),
 }

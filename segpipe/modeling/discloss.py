@@ -1,0 +1,85 @@
+"""Instance segmentation with the discriminative loss (De Brabandere, Neven, Van Gool, 2017).
+
+The shared U-Net (``embednet``) predicts a ``embed_dim``-dimensional embedding per pixel and a
+semantic map (background + classes). Training: pull / push / regularisation on the embeddings
+of each instance (``embed_losses.discriminative_loss``) plus pixel cross-entropy on the
+semantic map. Inference: ``embed_cluster.cluster_discriminative`` (mean-shift to a mode, then
+the paper's threshold at ``delta_d``, then connected components) on the foreground pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from segpipe.config import DiscLossParams, ModelCard
+from segpipe.modeling.embed_cluster import cluster_discriminative
+from segpipe.modeling.embed_losses import discriminative_loss
+from segpipe.modeling.batching import pad_batch
+from segpipe.modeling.embednet import PAD, ClusterAdapter, EmbedUNet, pad_masks
+from segpipe.modeling.registry import register
+
+
+class DiscLossNet(nn.Module):
+    """``forward(images, targets=None)`` as ``SpatialEmbNet``: a loss dict in training mode,
+    per image a list of ``Cluster`` in eval mode."""
+
+    def __init__(self, params: DiscLossParams, num_classes: int) -> None:
+        super().__init__()
+        self.params = params
+        self.num_classes = num_classes
+        self.net = EmbedUNet(params, params.embed_dim + num_classes + 1)
+
+    def maps(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> embeddings [B, D, Hp, Wp], semantic logits [B, C + 1, Hp, Wp] (channel 0 = background)."""
+        raw = self.net(pad_batch(images, PAD))
+        d = self.params.embed_dim
+        return raw[:, :d], raw[:, d:]
+
+    def forward(self, images: Sequence[torch.Tensor], targets: Sequence[dict] | None = None):
+        emb, sem = self.maps(images)
+        p = self.params
+        if self.training:
+            if targets is None:
+                raise ValueError("training mode needs targets")
+            hp, wp = emb.shape[-2:]
+            sem_t = torch.zeros((len(targets), hp, wp), dtype=torch.int64, device=emb.device)
+            parts = []
+            for b, t in enumerate(targets):
+                masks = pad_masks(t["masks"].to(emb.device), hp, wp)
+                for k in range(masks.shape[0]):
+                    sem_t[b][masks[k]] = int(t["labels"][k])
+                parts.append(discriminative_loss(emb[b], masks, delta_v=p.delta_v, delta_d=p.delta_d))
+            mean = {k: torch.stack([q[k] for q in parts]).mean() for k in parts[0]}
+            return {"loss_var": p.w_var * mean["var"], "loss_dist": p.w_dist * mean["dist"],
+                    "loss_reg": p.w_reg * mean["reg"], "loss_semantic": p.w_semantic * F.cross_entropy(sem, sem_t)}
+        probs = torch.softmax(sem, 1)
+        out = []
+        for b, im in enumerate(images):
+            h, w = int(im.shape[1]), int(im.shape[2])
+            out.append(cluster_discriminative(emb[b, :, :h, :w], probs[b, :, :h, :w], delta_v=p.delta_v, delta_d=p.delta_d,
+                                              fg_thresh=p.fg_thresh, bandwidth=p.bandwidth, shift_iters=p.shift_iters,
+                                              min_pixels=p.min_pixels, max_instances=p.max_instances))
+        return out
+
+
+def build_network(*, params: DiscLossParams, num_classes: int) -> DiscLossNet:
+    """An untrained discriminative-loss network; ``num_classes`` excludes the background."""
+    return DiscLossNet(params, num_classes)
+
+
+class DiscLossAdapter(ClusterAdapter):
+    """Instances from the discriminative-loss network. ``mask_probs`` samples foreground
+    probability x embedding membership (see ``cluster_discriminative``) into each box frame.
+    The score threshold drops instances after clustering."""
+
+    params_cls = DiscLossParams
+    build_network = staticmethod(build_network)
+
+
+@register("discloss")
+def build(card: ModelCard) -> DiscLossAdapter:
+    return DiscLossAdapter.from_card(card)

@@ -1,0 +1,354 @@
+"""SpatialEmbeddings and the discriminative loss: losses with known values, clustering on
+hand-made embedding maps, forward/backward of tiny untrained networks, the adapter contract."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from segpipe.config import DiscLossParams, SpatialEmbParams
+from segpipe.modeling import discloss, spatialemb
+from segpipe.modeling.embed_cluster import cluster_discriminative, cluster_spatial
+from segpipe.modeling.embed_losses import (
+    coordinate_map,
+    discriminative_loss,
+    gaussian_membership,
+    lovasz_hinge,
+    spatial_embedding_loss,
+)
+from segpipe.modeling.zoo import load_adapter, save_weights
+from segpipe.ops import masks as mask_ops
+
+TINY_NET = {"channels": [4, 8, 8], "full_res_channels": 2, "context_dilations": [2]}
+
+
+# --- Lovasz hinge ---------------------------------------------------------------------------
+
+
+def test_lovasz_hinge_is_zero_for_margin_correct_logits():
+    labels = torch.tensor([1, 1, 0, 0, 0], dtype=torch.bool)
+    logits = torch.tensor([1.0, 3.0, -1.0, -2.0, -5.0])
+    assert float(lovasz_hinge(logits, labels)) == 0.0
+
+
+def test_lovasz_hinge_one_undecided_pixel_costs_one():
+    assert float(lovasz_hinge(torch.tensor([0.0]), torch.tensor([True]))) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_lovasz_hinge_on_binary_errors_is_the_jaccard_loss(seed):
+    """With logits +-1 every hinge error is 0 or 2; the Lovasz extension is then 2 x the Jaccard
+    loss of the thresholded prediction (it is exact on the cube's vertices, and 1-homogeneous)."""
+    rng = np.random.default_rng(seed)
+    gt = rng.uniform(size=40) < 0.4
+    pred = rng.uniform(size=40) < 0.5
+    logits = torch.from_numpy(np.where(pred, 1.0, -1.0))
+    inter, union = np.sum(gt & pred), np.sum(gt | pred)
+    expected = 2.0 * (1.0 - inter / union)
+    assert float(lovasz_hinge(logits, torch.from_numpy(gt))) == pytest.approx(expected, abs=1e-9)
+
+
+def test_lovasz_hinge_brute_force_on_a_small_vector():
+    """Against the definition: the Lovasz extension is the expectation, over thresholds, of the
+    Jaccard loss of the set of pixels whose error exceeds the threshold."""
+    gt = np.array([1, 0, 1, 1, 0, 0], bool)
+    logits = np.array([0.3, 0.5, -0.2, 1.4, -1.5, 0.0])
+    err = np.maximum(1 - logits * np.where(gt, 1, -1), 0)
+
+    def jaccard_loss(mistakes):
+        # Set of pixels predicted wrongly; the prediction is gt XOR mistakes.
+        pred = gt ^ mistakes
+        return 1 - np.sum(gt & pred) / np.sum(gt | pred)
+
+    levels = np.sort(np.unique(np.concatenate([[0.0], err])))
+    expected = sum((hi - lo) * jaccard_loss(err > lo) for lo, hi in zip(levels[:-1], levels[1:]))
+    assert float(lovasz_hinge(torch.from_numpy(logits), torch.from_numpy(gt))) == pytest.approx(expected, abs=1e-9)
+
+
+# --- discriminative loss ----------------------------------------------------------------------
+
+
+def _two_instances(mu_a, mu_b, spread=0.0):
+    """A [2, 4, 8] embedding map: left half instance a at mu_a, right half b at mu_b (+- spread on x)."""
+    emb = torch.zeros(2, 4, 8)
+    jitter = torch.tensor([spread, -spread]).repeat(8)[:16].view(4, 4)  # zero-mean per half
+    for (x0, x1), mu in (((0, 4), mu_a), ((4, 8), mu_b)):
+        emb[0, :, x0:x1] = mu[0] + jitter
+        emb[1, :, x0:x1] = mu[1]
+    masks = torch.zeros(2, 4, 8, dtype=torch.bool)
+    masks[0, :, :4] = True
+    masks[1, :, 4:] = True
+    return emb, masks
+
+
+def test_discriminative_loss_is_zero_pull_push_for_separated_clusters():
+    emb, masks = _two_instances((0.0, 0.0), (4.0, 0.0), spread=0.3)  # spread < delta_v, distance 4 > 2 delta_d
+    out = discriminative_loss(emb, masks, delta_v=0.5, delta_d=1.5)
+    assert float(out["var"]) == 0.0 and float(out["dist"]) == 0.0
+    assert float(out["reg"]) == pytest.approx((0.0 + 4.0) / 2)
+
+
+def test_discriminative_loss_merged_clusters_are_pushed():
+    emb, masks = _two_instances((1.0, 1.0), (1.0, 1.0))
+    out = discriminative_loss(emb, masks, delta_v=0.5, delta_d=1.5)
+    assert float(out["dist"]) == pytest.approx((2 * 1.5) ** 2, rel=1e-5)  # both ordered pairs at distance 0
+    assert float(out["var"]) == 0.0
+    emb, masks = _two_instances((0.0, 0.0), (2.0, 0.0))  # 2 < 2 delta_d = 3
+    assert float(discriminative_loss(emb, masks, delta_v=0.5, delta_d=1.5)["dist"]) == pytest.approx(1.0)
+
+
+def test_discriminative_loss_pulls_a_spread_cluster():
+    emb, masks = _two_instances((0.0, 0.0), (5.0, 0.0), spread=1.0)  # every pixel 1 from its mean
+    out = discriminative_loss(emb, masks, delta_v=0.5, delta_d=1.5)
+    assert float(out["var"]) == pytest.approx((1.0 - 0.5) ** 2)
+    assert float(out["dist"]) == 0.0
+
+
+def test_discriminative_loss_without_instances_is_zero_and_differentiable():
+    emb = torch.randn(3, 5, 5, requires_grad=True)
+    out = discriminative_loss(emb, torch.zeros(0, 5, 5, dtype=torch.bool), delta_v=0.5, delta_d=1.5)
+    sum(out.values()).backward()
+    assert all(float(v.detach()) == 0 for v in out.values()) and emb.grad is not None
+
+
+# --- spatial embedding loss -------------------------------------------------------------------
+
+
+def _boxes_scene(h=32, w=48):
+    masks = torch.zeros(3, h, w, dtype=torch.bool)
+    masks[0, 2:12, 3:15] = True
+    masks[1, 2:12, 15:27] = True  # touches instance 0
+    masks[2, 18:30, 30:44] = True
+    return masks
+
+
+def _perfect_offsets(masks, scale):
+    h, w = masks.shape[1:]
+    xy = coordinate_map(h, w, scale)
+    off = torch.zeros(2, h, w)
+    for m in masks:
+        c = xy[:, m].mean(1)
+        off[:, m] = c[:, None] - xy[:, m]
+    return off
+
+
+def test_spatial_embedding_loss_perfect_prediction_is_near_zero():
+    masks, scale = _boxes_scene(), 32.0
+    off = _perfect_offsets(masks, scale)
+    sigma = torch.full((2,) + masks.shape[1:], 1.0)  # exp(10): phi < 1e-4 beyond ~0.03 units (1 px)
+    labels = torch.tensor([1, 2, 1])
+    seed = torch.zeros(2, *masks.shape[1:])
+    for m, lab in zip(masks, labels):
+        seed[int(lab) - 1][m] = 1.0
+    out = spatial_embedding_loss(off, sigma, seed, masks, labels, coord_scale=scale)
+    assert float(out["instance"]) < 1e-3 and float(out["var"]) == 0.0 and float(out["seed"]) < 1e-6
+
+
+def test_spatial_embedding_loss_without_offsets_is_large():
+    masks, scale = _boxes_scene(), 32.0
+    sigma = torch.full((2,) + masks.shape[1:], 1.0)
+    seed = torch.zeros(2, *masks.shape[1:])
+    out = spatial_embedding_loss(torch.zeros(2, *masks.shape[1:]), sigma, seed, masks, torch.tensor([1, 1, 2]), coord_scale=scale)
+    assert float(out["instance"]) > 0.8  # only pixels at the centre are claimed
+    assert float(out["seed"]) > 0  # instance pixels want phi > 0 where the seed says 0
+
+
+def test_sigma_spread_inside_an_instance_costs_var():
+    masks, scale = _boxes_scene(), 32.0
+    sigma = torch.zeros(1, *masks.shape[1:])
+    sigma[0, :, :9] = 1.0  # splits instance 0 (cols 3..14) into two sigma values
+    out = spatial_embedding_loss(_perfect_offsets(masks, scale), sigma, torch.zeros(1, *masks.shape[1:]), masks,
+                                 torch.tensor([1, 1, 1]), coord_scale=scale)
+    frac = 6 / 12  # columns 3..8 of 3..14 have sigma 1
+    assert float(out["var"]) == pytest.approx(frac * (1 - frac) / 3, rel=1e-5)  # variance of one instance, mean over 3
+
+
+# --- clustering -------------------------------------------------------------------------------
+
+
+def test_cluster_spatial_recovers_the_instances():
+    masks, scale = _boxes_scene(), 32.0
+    off = _perfect_offsets(masks, scale)
+    sigma = torch.full((2,) + masks.shape[1:], 0.8)
+    seed = torch.zeros(2, *masks.shape[1:])
+    labels = [1, 2, 2]
+    for k, (m, lab) in enumerate(zip(masks, labels)):
+        seed[lab - 1][m] = 0.9 - 0.1 * k
+    clusters = cluster_spatial(off, sigma, seed, coord_scale=scale, min_pixels=4)
+    assert len(clusters) == 3
+    for k, c in enumerate(clusters):  # highest seed first
+        got = np.zeros(masks.shape[1:], bool)
+        got[c.ys, c.xs] = True
+        assert np.array_equal(got, masks[k].numpy())
+        assert c.label == labels[k] and c.score == pytest.approx(0.9 - 0.1 * k)
+        x0, y0, x1, y1 = c.window
+        assert c.prob.shape == (y1 - y0, x1 - x0) and c.prob.max() <= 1.0
+
+
+def test_cluster_spatial_nothing_above_the_seed_threshold():
+    masks = _boxes_scene()
+    seed = torch.zeros(1, *masks.shape[1:])
+    seed[0][masks[0]] = 0.55  # foreground, but below seed_thresh
+    assert cluster_spatial(torch.zeros(2, *masks.shape[1:]), torch.zeros(1, *masks.shape[1:]), seed,
+                           coord_scale=32.0, seed_thresh=0.6) == []
+
+
+def test_cluster_discriminative_recovers_instances_and_splits_far_look_alikes():
+    h, w = 40, 40
+    masks = np.zeros((4, h, w), bool)
+    masks[0, 2:12, 2:12] = True
+    masks[1, 2:12, 12:20] = True  # touching 0, different embedding
+    masks[2, 25:35, 25:38] = True  # far away, same embedding as 0 -> split by connectivity
+    masks[3, 28:33, 2:9] = True
+    vecs = [(0.0, 0.0, 0.0), (3.5, 0.0, 0.0), (0.0, 0.0, 0.0), (0.0, 3.5, 1.0)]
+    rng = np.random.default_rng(0)
+    emb = rng.normal(0, 0.1, (3, h, w)).astype(np.float32) + 10.0  # background embedding far away
+    probs = np.zeros((3, h, w), np.float32)
+    probs[0] = 1.0
+    for k, (m, v) in enumerate(zip(masks, vecs)):
+        emb[:, m] = np.asarray(v, np.float32)[:, None] + rng.normal(0, 0.1, (3, int(m.sum())))
+        cls = 1 + (k % 2)
+        probs[:, m] = 0.0
+        probs[cls][m] = 0.95
+        probs[0][m] = 0.05
+    clusters = cluster_discriminative(torch.from_numpy(emb), torch.from_numpy(probs), delta_v=0.5, delta_d=1.5, min_pixels=4)
+    got = []
+    for c in clusters:
+        g = np.zeros((h, w), bool)
+        g[c.ys, c.xs] = True
+        got.append((g, c.label))
+    assert len(got) == 4
+    for k, m in enumerate(masks):
+        match = [lab for g, lab in got if np.array_equal(g, m)]
+        assert match == [1 + (k % 2)], k
+    assert all(0.5 < c.score <= 1.0 for c in clusters)
+
+
+# --- tiny networks ------------------------------------------------------------------------------
+
+
+def _targets():
+    rng = np.random.default_rng(1)
+    images, targets = [], []
+    for b in range(2):
+        masks = _boxes_scene(40, 56).numpy().astype(np.uint8)
+        images.append(torch.from_numpy(rng.uniform(size=(3, 40, 56)).astype(np.float32)))
+        targets.append({"masks": torch.from_numpy(masks), "labels": torch.tensor([1, 2, 1])})
+    targets[1] = {"masks": torch.zeros(0, 40, 56, dtype=torch.uint8), "labels": torch.zeros(0, dtype=torch.int64)}
+    return images, targets
+
+
+NETS = {
+    "spatialemb": (spatialemb.build_network, SpatialEmbParams, {"loss_instance", "loss_var", "loss_seed"}),
+    "discloss": (discloss.build_network, DiscLossParams, {"loss_var", "loss_dist", "loss_reg", "loss_semantic"}),
+}
+
+
+def _tiny_train_net(method):
+    build, P, _ = NETS[method]
+    torch.manual_seed(0)
+    return build(params=P.model_validate(TINY_NET), num_classes=2).train()
+
+
+@pytest.mark.parametrize("method", NETS)
+def test_tiny_network_forward_backward(method):
+    keys = NETS[method][2]
+    net = _tiny_train_net(method)
+    images, targets = _targets()
+    losses = net(images, targets)
+    assert set(losses) == keys
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    grads = [p.grad for p in net.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    with pytest.raises(ValueError, match="targets"):
+        net(images)
+
+
+@pytest.mark.parametrize("method", NETS)
+def test_a_few_steps_reduce_the_loss(method):
+    net = _tiny_train_net(method)
+    images, targets = _targets()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    first = None
+    for _ in range(30):
+        loss = sum(net(images, targets).values())
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < 0.7 * first
+
+
+def _card(tmp_path, method, categories):
+    build, P, _ = NETS[method]
+    torch.manual_seed(0)
+    params = P.model_validate(TINY_NET)
+    folder = tmp_path / f"tiny-{method}"
+    folder.mkdir()
+    digest = save_weights(build(params=params, num_classes=len(categories)), folder / "weights.safetensors")
+    card = {"name": f"tiny-{method}", "family": "embedding", "paper": "test fixture", "builder": method,
+            "params": params.model_dump(mode="json"), "categories": categories,
+            "weights": {"file": "weights.safetensors", "sha256": digest, "format": "safetensors", "dtype": "float16"}}
+    (folder / "card.yaml").write_text(yaml.safe_dump(card))
+    return folder / "card.yaml"
+
+
+@pytest.mark.parametrize("method", NETS)
+def test_adapter_contract_on_untrained_weights(tmp_path, method):
+    cats = [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}]
+    adapter, card = load_adapter(str(_card(tmp_path, method, cats)))
+    assert card.builder == method and adapter.network.training is False
+    # Lower the thresholds so an untrained net yields clusters to check the contract on.
+    p = adapter.network.params
+    upd = {"fg_thresh": 0.01, "min_pixels": 2} | ({"seed_thresh": 0.01} if method == "spatialemb" else {})
+    adapter.network.params = p.model_copy(update=upd)
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (45, 61, 3), dtype=np.uint8), rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)]
+    out = adapter.predict(images)
+    assert [(i.height, i.width) for i in out] == [(45, 61), (32, 32)]
+    assert sum(len(i) for i in out) > 0
+    for inst in out:
+        assert set(np.unique(inst.labels)) <= {3, 7}
+        assert np.all(np.diff(inst.scores) <= 0)
+        if len(inst):
+            dense = mask_ops.decode(inst.masks)
+            assert dense.sum(0).max() <= 1  # clusters never overlap
+            assert np.all(mask_ops.area(inst.masks) >= 2)
+            xywh = mask_ops.to_bbox(inst.masks)
+            np.testing.assert_allclose(inst.boxes[:, :2], xywh[:, :2])
+            np.testing.assert_allclose(inst.boxes[:, 2:], xywh[:, :2] + xywh[:, 2:])
+            assert inst.mask_probs.shape == (len(inst), 28, 28) and inst.mask_probs.dtype == np.float16
+            assert float(inst.mask_probs.max()) <= 1.0 and float(inst.mask_probs.min()) >= 0.0
+
+
+def test_discloss_score_threshold_filters(tmp_path):
+    adapter, _ = load_adapter(str(_card(tmp_path, "discloss", [{"id": 1, "name": "x"}])))
+    # Tiny margins split an untrained net's embeddings into many clusters.
+    adapter.network.params = adapter.network.params.model_copy(
+        update={"fg_thresh": 0.01, "min_pixels": 2, "delta_v": 0.002, "delta_d": 0.005})
+    img = [np.random.default_rng(2).integers(0, 255, (40, 40, 3), dtype=np.uint8)]
+    scores = adapter.predict(img)[0].scores
+    assert len(scores) > 1
+    cut = float(np.median(scores))
+    adapter.set_score_threshold(cut)
+    assert np.all(adapter.predict(img)[0].scores >= cut)
+
+
+def test_gaussian_membership_single_sigma_is_isotropic():
+    emb = torch.tensor([[0.0, 0.1, 0.0], [0.0, 0.0, 0.1]])  # points (0,0), (0.1,0), (0,0.1)
+    phi = gaussian_membership(emb, torch.zeros(2), torch.tensor([0.5]))
+    assert float(phi[0]) == 1.0 and float(phi[1]) == pytest.approx(float(phi[2]))
+    assert float(phi[1]) == pytest.approx(np.exp(-0.01 * np.exp(5.0)), rel=1e-5)
+
+
+@pytest.mark.parametrize("a, b", list(itertools.combinations([0.3, 0.5], 2)))
+def test_params_reject_delta_d_not_above_delta_v(a, b):
+    with pytest.raises(ValueError, match="delta_d"):
+        DiscLossParams(delta_v=b, delta_d=a)
