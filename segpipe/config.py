@@ -251,6 +251,8 @@ class DiscLossParams(EmbedNetParams):
     semantic head (background + classes)."""
 
     embed_dim: int = Field(8, ge=1)
+    coord_scale: float | None = Field(None, gt=0, description="if set, the first two embedding dimensions add the pixel's "
+                                      "(x, y) / coord_scale (semi-convolutional embeddings); None = the paper's pure embedding")
     delta_v: float = Field(0.5, gt=0, description="pull margin")
     delta_d: float = Field(1.5, gt=0, description="push margin (half the distance between means)")
     w_var: float = Field(1.0, ge=0)
@@ -259,6 +261,7 @@ class DiscLossParams(EmbedNetParams):
     w_semantic: float = Field(1.0, ge=0)
     fg_thresh: float = Field(0.5, gt=0, lt=1, description="foreground probability needed to be clustered")
     bandwidth: float | None = Field(None, gt=0, description="mean-shift radius; default delta_d")
+    radius: float | None = Field(None, gt=0, description="pixels within this distance of a mode join it; default delta_d")
     shift_iters: int = Field(10, ge=0)
     min_pixels: int = Field(8, ge=1, description="smallest instance kept, pixels")
     max_instances: int = Field(1000, ge=1)
@@ -367,7 +370,7 @@ TRAIN_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
     ("spatialemb", "shapes"): {"iterations": 4000, "warmup": 200},
     ("spatialemb", "nuclei"): {"iterations": 3000, "crop": 256, "warmup": 200},
     ("discloss", "shapes"): {"iterations": 4000, "warmup": 200},
-    ("discloss", "nuclei"): {"iterations": 4000, "crop": 256, "warmup": 200},
+    ("discloss", "nuclei"): {"iterations": 4000, "crop": 256, "warmup": 200, "params": {"coord_scale": 8.0}},
 }
 
 

@@ -108,6 +108,33 @@ def test_discriminative_loss_pulls_a_spread_cluster():
     assert float(out["dist"]) == 0.0
 
 
+def test_discriminative_loss_does_not_regularise_the_origin():
+    emb, masks = _two_instances((0.0, 0.0), (4.0, 0.0), spread=0.3)
+    out = discriminative_loss(emb, masks, delta_v=0.5, delta_d=1.5, origin=emb.clone())
+    assert float(out["reg"]) == pytest.approx(0.0, abs=1e-6) and float(out["dist"]) == 0.0
+    shifted = discriminative_loss(emb + 1.0, masks, delta_v=0.5, delta_d=1.5, origin=torch.ones_like(emb))
+    assert float(shifted["reg"]) == pytest.approx(2.0)  # as without origin: |(0, 0)| and |(4, 0)|
+
+
+def test_semi_convolutional_embeddings_add_pixel_coordinates():
+    torch.manual_seed(0)
+    p = DiscLossParams.model_validate(TINY_NET | {"coord_scale": 4.0, "embed_dim": 3})
+    net = discloss.build_network(params=p, num_classes=1).eval()
+    img = [torch.rand(3, 20, 36)]
+    with torch.no_grad():
+        emb, _ = net.maps(img)
+        raw = net.net(net_input(img))
+    diff = emb[0] - raw[0, :3]
+    np.testing.assert_allclose(diff[:2].numpy(), coordinate_map(32, 48, 4.0).numpy(), atol=1e-6)  # padded to 16s
+    assert float(diff[2].abs().max()) == 0.0
+
+
+def net_input(images):
+    from segpipe.modeling.batching import pad_batch
+
+    return pad_batch(images, 16)
+
+
 def test_discriminative_loss_without_instances_is_zero_and_differentiable():
     emb = torch.randn(3, 5, 5, requires_grad=True)
     out = discriminative_loss(emb, torch.zeros(0, 5, 5, dtype=torch.bool), delta_v=0.5, delta_d=1.5)
@@ -246,18 +273,19 @@ NETS = {
     "spatialemb": (spatialemb.build_network, SpatialEmbParams, {"loss_instance", "loss_var", "loss_seed"}),
     "discloss": (discloss.build_network, DiscLossParams, {"loss_var", "loss_dist", "loss_reg", "loss_semantic"}),
 }
+SEMI = {"discloss": {"coord_scale": 8.0}}  # forward/backward also with semi-convolutional embeddings
 
 
-def _tiny_train_net(method):
+def _tiny_train_net(method, extra=None):
     build, P, _ = NETS[method]
     torch.manual_seed(0)
-    return build(params=P.model_validate(TINY_NET), num_classes=2).train()
+    return build(params=P.model_validate(TINY_NET | (extra or {})), num_classes=2).train()
 
 
-@pytest.mark.parametrize("method", NETS)
-def test_tiny_network_forward_backward(method):
+@pytest.mark.parametrize("method, extra", [(m, None) for m in NETS] + list(SEMI.items()))
+def test_tiny_network_forward_backward(method, extra):
     keys = NETS[method][2]
-    net = _tiny_train_net(method)
+    net = _tiny_train_net(method, extra)
     images, targets = _targets()
     losses = net(images, targets)
     assert set(losses) == keys
@@ -271,9 +299,9 @@ def test_tiny_network_forward_backward(method):
         net(images)
 
 
-@pytest.mark.parametrize("method", NETS)
-def test_a_few_steps_reduce_the_loss(method):
-    net = _tiny_train_net(method)
+@pytest.mark.parametrize("method, extra", [(m, None) for m in NETS] + list(SEMI.items()))
+def test_a_few_steps_reduce_the_loss(method, extra):
+    net = _tiny_train_net(method, extra)
     images, targets = _targets()
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     first = None

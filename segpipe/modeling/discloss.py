@@ -1,7 +1,10 @@
 """Instance segmentation with the discriminative loss (De Brabandere, Neven, Van Gool, 2017).
 
 The shared U-Net (``embednet``) predicts a ``embed_dim``-dimensional embedding per pixel and a
-semantic map (background + classes). Training: pull / push / regularisation on the embeddings
+semantic map (background + classes). With ``coord_scale`` set, the pixel's coordinates are added
+to the first two embedding dimensions (semi-convolutional embeddings, Novotny, Albanie, Larlus,
+Vedaldi, ECCV 2018): a translation-invariant network cannot give look-alike nuclei different
+embeddings, and with the coordinate term it only has to learn offsets. Training: pull / push / regularisation on the embeddings
 of each instance (``embed_losses.discriminative_loss``) plus pixel cross-entropy on the
 semantic map. Inference: ``embed_cluster.cluster_discriminative`` (mean-shift to a mode, then
 the paper's threshold at ``delta_d``, then connected components) on the foreground pixels.
@@ -17,7 +20,7 @@ from torch import nn
 
 from segpipe.config import DiscLossParams, ModelCard
 from segpipe.modeling.embed_cluster import cluster_discriminative
-from segpipe.modeling.embed_losses import discriminative_loss
+from segpipe.modeling.embed_losses import coordinate_map, discriminative_loss
 from segpipe.modeling.batching import pad_batch
 from segpipe.modeling.embednet import PAD, ClusterAdapter, EmbedUNet, pad_masks
 from segpipe.modeling.registry import register
@@ -33,11 +36,22 @@ class DiscLossNet(nn.Module):
         self.num_classes = num_classes
         self.net = EmbedUNet(params, params.embed_dim + num_classes + 1)
 
+    def origin(self, height: int, width: int, device=None) -> torch.Tensor | None:
+        """The fixed part of the embedding, [D, H, W]: (x, y) / coord_scale in the first two
+        dimensions (pixel centres), zero elsewhere; None without ``coord_scale``."""
+        if self.params.coord_scale is None:
+            return None
+        o = torch.zeros((self.params.embed_dim, height, width), device=device)
+        o[:2] = coordinate_map(height, width, self.params.coord_scale, device)[: min(2, self.params.embed_dim)]
+        return o
+
     def maps(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> embeddings [B, D, Hp, Wp], semantic logits [B, C + 1, Hp, Wp] (channel 0 = background)."""
+        """-> embeddings [B, D, Hp, Wp] (``origin`` added), semantic logits [B, C + 1, Hp, Wp] (channel 0 = background)."""
         raw = self.net(pad_batch(images, PAD))
         d = self.params.embed_dim
-        return raw[:, :d], raw[:, d:]
+        emb = raw[:, :d]
+        origin = self.origin(emb.shape[2], emb.shape[3], emb.device)
+        return (emb if origin is None else emb + origin), raw[:, d:]
 
     def forward(self, images: Sequence[torch.Tensor], targets: Sequence[dict] | None = None):
         emb, sem = self.maps(images)
@@ -46,13 +60,14 @@ class DiscLossNet(nn.Module):
             if targets is None:
                 raise ValueError("training mode needs targets")
             hp, wp = emb.shape[-2:]
+            origin = self.origin(hp, wp, emb.device)
             sem_t = torch.zeros((len(targets), hp, wp), dtype=torch.int64, device=emb.device)
             parts = []
             for b, t in enumerate(targets):
                 masks = pad_masks(t["masks"].to(emb.device), hp, wp)
                 for k in range(masks.shape[0]):
                     sem_t[b][masks[k]] = int(t["labels"][k])
-                parts.append(discriminative_loss(emb[b], masks, delta_v=p.delta_v, delta_d=p.delta_d))
+                parts.append(discriminative_loss(emb[b], masks, delta_v=p.delta_v, delta_d=p.delta_d, origin=origin))
             mean = {k: torch.stack([q[k] for q in parts]).mean() for k in parts[0]}
             return {"loss_var": p.w_var * mean["var"], "loss_dist": p.w_dist * mean["dist"],
                     "loss_reg": p.w_reg * mean["reg"], "loss_semantic": p.w_semantic * F.cross_entropy(sem, sem_t)}
@@ -61,7 +76,7 @@ class DiscLossNet(nn.Module):
         for b, im in enumerate(images):
             h, w = int(im.shape[1]), int(im.shape[2])
             out.append(cluster_discriminative(emb[b, :, :h, :w], probs[b, :, :h, :w], delta_v=p.delta_v, delta_d=p.delta_d,
-                                              fg_thresh=p.fg_thresh, bandwidth=p.bandwidth, shift_iters=p.shift_iters,
+                                              fg_thresh=p.fg_thresh, bandwidth=p.bandwidth, radius=p.radius, shift_iters=p.shift_iters,
                                               min_pixels=p.min_pixels, max_instances=p.max_instances))
         return out
 

@@ -95,6 +95,7 @@ def cluster_discriminative(
     delta_d: float,
     fg_thresh: float = 0.5,
     bandwidth: float | None = None,
+    radius: float | None = None,
     shift_iters: int = 10,
     min_pixels: int = 8,
     max_instances: int = 1000,
@@ -105,17 +106,18 @@ def cluster_discriminative(
     classes. Foreground = pixels with background probability below 1 - ``fg_thresh``.
     Repeatedly start at the unclaimed foreground pixel with the highest foreground probability,
     mean-shift its embedding to the local mode (radius ``bandwidth``, default ``delta_d``), and
-    claim the unclaimed foreground pixels within ``delta_d`` of the mode (after training, pixels
-    lie within ``delta_v`` of their mean and means ``2 delta_d`` apart, so the threshold
-    separates them). A claimed cluster is split into 4-connected components: a fully
+    claim the unclaimed foreground pixels within ``radius`` (default ``delta_d``) of the mode
+    (after training, pixels lie within ``delta_v`` of their mean and means ``2 delta_d`` apart,
+    so a threshold between the two separates them). A claimed cluster is split into 4-connected components: a fully
     convolutional net gives look-alike objects far apart the same embedding, and the components
     tell them apart. Components of at least ``min_pixels`` become instances.
     Score = mean foreground probability x mean membership, with membership
-    m_i = sigmoid((delta_d - |e_i - mode|) / (delta_v / 2)); class = the class with the largest
+    m_i = sigmoid((radius - |e_i - mode|) / (delta_v / 2)); class = the class with the largest
     summed probability; soft mask = foreground probability x membership.
     """
     d, h, w = emb.shape
     bw = bandwidth or delta_d
+    rad = radius or delta_d
     fg_prob = 1.0 - class_probs[0]
     fg = fg_prob > fg_thresh
     idx = torch.nonzero(fg.flatten()).squeeze(1)
@@ -139,7 +141,7 @@ def cluster_discriminative(
                 break
             mode = new
         dist = (e - mode).norm(dim=1)
-        claim = free & (dist < delta_d)
+        claim = free & (dist < rad)
         claim[j] = bool(free[j])
         free &= ~claim
         flat = idx[claim].cpu().numpy()
@@ -151,7 +153,7 @@ def cluster_discriminative(
         grid[ys_all - y0, xs_all - x0] = True
         comps, n_comp = ndimage.label(grid)
         win_emb = emb[:, y0:y1, x0:x1]
-        member = torch.sigmoid((delta_d - (win_emb - mode[:, None, None]).norm(dim=0)) / tau)
+        member = torch.sigmoid((rad - (win_emb - mode[:, None, None]).norm(dim=0)) / tau)
         soft = (member * fg_prob[y0:y1, x0:x1]).float().cpu().numpy()
         member_np = member.float().cpu().numpy()
         fp_np = fg_prob[y0:y1, x0:x1].float().cpu().numpy()

@@ -102,28 +102,31 @@ def spatial_embedding_loss(
 
 
 def discriminative_loss(
-    emb: torch.Tensor, masks: torch.Tensor, *, delta_v: float, delta_d: float
+    emb: torch.Tensor, masks: torch.Tensor, *, delta_v: float, delta_d: float, origin: torch.Tensor | None = None
 ) -> dict[str, torch.Tensor]:
     """Discriminative loss of one image: ``emb`` float [D, H, W], ``masks`` bool [N, H, W].
 
     With mu_c the mean embedding of instance c:
     ``var`` = mean_c mean_{i in c} max(0, |mu_c - e_i| - delta_v)^2 (pull),
     ``dist`` = mean_{c != c'} max(0, 2 delta_d - |mu_c - mu_c'|)^2 (push; 0 with < 2 instances),
-    ``reg`` = mean_c |mu_c|. Unweighted; all zero when there is no instance.
+    ``reg`` = mean_c |mu_c - o_c|, o_c the mean of ``origin`` [D, H, W] over instance c (default
+    0; a fixed part of the embedding, e.g. pixel coordinates, is not regularised). Unweighted;
+    all zero when there is no instance.
     """
     zero = emb.sum() * 0.0
     keep = [k for k in range(masks.shape[0]) if masks[k].any()]
     if not keep:
         return {"var": zero, "dist": zero, "reg": zero}
-    means, var = [], zero
+    means, var, reg = [], zero, zero
     for k in keep:
         e = emb[:, masks[k]]  # [D, P]
         mu = e.mean(1)
         means.append(mu)
         var = var + torch.relu((e - mu[:, None]).norm(dim=0) - delta_v).pow(2).mean()
+        reg = reg + (mu if origin is None else mu - origin[:, masks[k]].mean(1)).norm()
     mus = torch.stack(means)  # [N, D]
     n = len(keep)
-    reg = mus.norm(dim=1).mean()
+    reg = reg / n
     if n > 1:
         diff = mus[:, None, :] - mus[None, :, :]
         d = (diff.pow(2).sum(-1) + 1e-12).sqrt()  # eps: sqrt has no gradient at 0
