@@ -369,7 +369,7 @@ TRAIN_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
     ("polarmask", "nuclei"): {"iterations": 4000, "crop": 256, "lr": 2e-3, "warmup": 200},
     ("spatialemb", "shapes"): {"iterations": 4000, "warmup": 200},
     ("spatialemb", "nuclei"): {"iterations": 3000, "crop": 256, "warmup": 200},
-    ("discloss", "shapes"): {"iterations": 4000, "warmup": 200},
+    ("discloss", "shapes"): {"iterations": 4000, "warmup": 200, "params": {"coord_scale": 16.0}},
     ("discloss", "nuclei"): {"iterations": 4000, "crop": 256, "warmup": 200, "params": {"coord_scale": 8.0}},
 }
 

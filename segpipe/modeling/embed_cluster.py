@@ -54,7 +54,7 @@ def cluster_spatial(
     """
     _, h, w = offsets.shape
     emb = coordinate_map(h, w, coord_scale, offsets.device) + offsets
-    best, cls = seed.max(0)
+    best = seed.max(0).values
     fg = best > fg_thresh
     idx = torch.nonzero(fg.flatten()).squeeze(1)
     if idx.numel() == 0:
@@ -82,7 +82,8 @@ def cluster_spatial(
         ys, xs = flat // w, flat % w
         x0, y0, x1, y1 = _window(ys, xs, h, w)
         local = gaussian_membership(emb[:, y0:y1, x0:x1], e[:, j], s[:, j]) * fg[y0:y1, x0:x1]
-        out.append(Cluster(ys=ys, xs=xs, score=float(sv[j]), label=int(cls.flatten()[idx[j]]) + 1,
+        votes = seed.flatten(1)[:, idx[claim]].sum(1)  # [C] seediness summed over the instance
+        out.append(Cluster(ys=ys, xs=xs, score=float(sv[j]), label=int(votes.argmax()) + 1,
                            window=(x0, y0, x1, y1), prob=local.float().cpu().numpy()))
     return out
 
