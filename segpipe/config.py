@@ -367,9 +367,9 @@ TRAIN_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
     },
     ("polarmask", "shapes"): {"iterations": 6000, "lr": 2e-3},
     ("polarmask", "nuclei"): {"iterations": 4000, "crop": 256, "lr": 2e-3, "warmup": 200},
-    ("spatialemb", "shapes"): {"iterations": 4000, "warmup": 200},
+    ("spatialemb", "shapes"): {"iterations": 8000, "warmup": 200, "params": {"channels": [16, 32, 64, 128, 256]}},
     ("spatialemb", "nuclei"): {"iterations": 3000, "crop": 256, "warmup": 200},
-    ("discloss", "shapes"): {"iterations": 4000, "warmup": 200, "params": {"coord_scale": 16.0}},
+    ("discloss", "shapes"): {"iterations": 8000, "warmup": 200, "params": {"coord_scale": 16.0, "channels": [16, 32, 64, 128, 256]}},
     ("discloss", "nuclei"): {"iterations": 4000, "crop": 256, "warmup": 200, "params": {"coord_scale": 8.0}},
 }
 
