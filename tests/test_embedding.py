@@ -8,7 +8,6 @@ import itertools
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from segpipe.config import DiscLossParams, SpatialEmbParams
 from segpipe.modeling import discloss, spatialemb
@@ -20,7 +19,9 @@ from segpipe.modeling.embed_losses import (
     lovasz_hinge,
     spatial_embedding_loss,
 )
-from segpipe.modeling.zoo import load_adapter, save_weights
+from segpipe.modeling.zoo import load_adapter
+
+from conftest import make_embed_card
 from segpipe.ops import masks as mask_ops
 
 TINY_NET = {"channels": [4, 8, 8], "full_res_channels": 2, "context_dilations": [2]}
@@ -314,24 +315,10 @@ def test_a_few_steps_reduce_the_loss(method, extra):
     assert float(loss.detach()) < 0.7 * first
 
 
-def _card(tmp_path, method, categories):
-    build, P, _ = NETS[method]
-    torch.manual_seed(0)
-    params = P.model_validate(TINY_NET)
-    folder = tmp_path / f"tiny-{method}"
-    folder.mkdir()
-    digest = save_weights(build(params=params, num_classes=len(categories)), folder / "weights.safetensors")
-    card = {"name": f"tiny-{method}", "family": "embedding", "paper": "test fixture", "builder": method,
-            "params": params.model_dump(mode="json"), "categories": categories,
-            "weights": {"file": "weights.safetensors", "sha256": digest, "format": "safetensors", "dtype": "float16"}}
-    (folder / "card.yaml").write_text(yaml.safe_dump(card))
-    return folder / "card.yaml"
-
-
 @pytest.mark.parametrize("method", NETS)
 def test_adapter_contract_on_untrained_weights(tmp_path, method):
     cats = [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}]
-    adapter, card = load_adapter(str(_card(tmp_path, method, cats)))
+    adapter, card = load_adapter(str(make_embed_card(tmp_path / method, method, categories=cats)))
     assert card.builder == method and adapter.network.training is False
     # Lower the thresholds so an untrained net yields clusters to check the contract on.
     p = adapter.network.params
@@ -357,7 +344,7 @@ def test_adapter_contract_on_untrained_weights(tmp_path, method):
 
 
 def test_discloss_score_threshold_filters(tmp_path):
-    adapter, _ = load_adapter(str(_card(tmp_path, "discloss", [{"id": 1, "name": "x"}])))
+    adapter, _ = load_adapter(str(make_embed_card(tmp_path / "d", "discloss", categories=[{"id": 1, "name": "x"}])))
     # Tiny margins split an untrained net's embeddings into many clusters.
     adapter.network.params = adapter.network.params.model_copy(
         update={"fg_thresh": 0.01, "min_pixels": 2, "delta_v": 0.002, "delta_d": 0.005})

@@ -22,7 +22,7 @@ from segpipe.config import DiscLossParams, ModelCard
 from segpipe.modeling.embed_cluster import cluster_discriminative
 from segpipe.modeling.embed_losses import coordinate_map, discriminative_loss
 from segpipe.modeling.batching import pad_batch
-from segpipe.modeling.embednet import PAD, ClusterAdapter, EmbedUNet, pad_masks
+from segpipe.modeling.embednet import ClusterAdapter, EmbedUNet, pad_masks
 from segpipe.modeling.registry import register
 
 
@@ -47,7 +47,7 @@ class DiscLossNet(nn.Module):
 
     def maps(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """-> embeddings [B, D, Hp, Wp] (``origin`` added), semantic logits [B, C + 1, Hp, Wp] (channel 0 = background)."""
-        raw = self.net(pad_batch(images, PAD))
+        raw = self.net(pad_batch(images, self.net.multiple))
         d = self.params.embed_dim
         emb = raw[:, :d]
         origin = self.origin(emb.shape[2], emb.shape[3], emb.device)

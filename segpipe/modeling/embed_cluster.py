@@ -50,7 +50,8 @@ def cluster_spatial(
     ``seed_thresh``), use its embedding as the centre and its sigma as the bandwidth, and claim
     the unclaimed foreground pixels with membership phi > 0.5. A proposal is kept when it has at
     least ``min_pixels`` pixels and more than half of it was unclaimed. Score = the seed's
-    seediness; class = the seed's best seediness channel; soft mask = phi on foreground pixels.
+    seediness; class = the channel with the largest seediness summed over the instance (a vote,
+    steadier than the seed pixel alone); soft mask = phi on foreground pixels.
     """
     _, h, w = offsets.shape
     emb = coordinate_map(h, w, coord_scale, offsets.device) + offsets
@@ -109,9 +110,9 @@ def cluster_discriminative(
     mean-shift its embedding to the local mode (radius ``bandwidth``, default ``delta_d``), and
     claim the unclaimed foreground pixels within ``radius`` (default ``delta_d``) of the mode
     (after training, pixels lie within ``delta_v`` of their mean and means ``2 delta_d`` apart,
-    so a threshold between the two separates them). A claimed cluster is split into 4-connected components: a fully
-    convolutional net gives look-alike objects far apart the same embedding, and the components
-    tell them apart. Components of at least ``min_pixels`` become instances.
+    so a threshold between the two separates them). A claimed cluster is split into 4-connected
+    components: a fully convolutional net gives look-alike objects far apart the same embedding,
+    and the components tell them apart. Components of at least ``min_pixels`` become instances.
     Score = mean foreground probability x mean membership, with membership
     m_i = sigmoid((radius - |e_i - mode|) / (delta_v / 2)); class = the class with the largest
     summed probability; soft mask = foreground probability x membership.
@@ -143,7 +144,7 @@ def cluster_discriminative(
             mode = new
         dist = (e - mode).norm(dim=1)
         claim = free & (dist < rad)
-        claim[j] = bool(free[j])
+        claim[j] = True  # j is free: progress is guaranteed
         free &= ~claim
         flat = idx[claim].cpu().numpy()
         if flat.size < min_pixels:
@@ -152,15 +153,14 @@ def cluster_discriminative(
         x0, y0, x1, y1 = _window(ys_all, xs_all, h, w)
         grid = np.zeros((y1 - y0, x1 - x0), bool)
         grid[ys_all - y0, xs_all - x0] = True
-        comps, n_comp = ndimage.label(grid)
+        comps, _ = ndimage.label(grid)
         win_emb = emb[:, y0:y1, x0:x1]
         member = torch.sigmoid((rad - (win_emb - mode[:, None, None]).norm(dim=0)) / tau)
         soft = (member * fg_prob[y0:y1, x0:x1]).float().cpu().numpy()
         member_np = member.float().cpu().numpy()
         fp_np = fg_prob[y0:y1, x0:x1].float().cpu().numpy()
         cp_np = class_probs[1:, y0:y1, x0:x1].float().cpu().numpy()
-        for c in range(1, n_comp + 1):
-            ly, lx = np.nonzero(comps == c)
+        for c, (ly, lx) in sorted(ndimage.value_indices(comps, ignore_value=0).items()):  # one pass over the window
             if ly.size < min_pixels or len(out) >= max_instances:
                 continue
             ys, xs = ly + y0, lx + x0

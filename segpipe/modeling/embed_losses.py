@@ -75,8 +75,8 @@ def spatial_embedding_loss(
     channel; mean over pixels).
     """
     _, h, w = offsets.shape
-    emb = coordinate_map(h, w, coord_scale, offsets.device) + offsets
     xy = coordinate_map(h, w, coord_scale, offsets.device)
+    emb = xy + offsets
     seed_target = torch.zeros_like(seed)
     seed_weight = torch.ones_like(seed)
     inst_loss = offsets.sum() * 0.0

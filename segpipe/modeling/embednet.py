@@ -1,7 +1,7 @@
 """The encoder-decoder shared by the embedding methods (SpatialEmbeddings, discriminative loss).
 
-A small U-Net: encoder levels at strides 2, 4, 8, 16 (``channels``), a dilated context block at
-stride 16, a decoder back to stride 2 with skip connections, and a stride-1 refinement that
+A small U-Net: one encoder level per entry of ``channels`` at strides 2, 4, 8, ... (16 with four),
+a dilated context block at the coarsest stride, a decoder back to stride 2 with skip connections, and a stride-1 refinement that
 joins the upsampled decoder features with a few full-resolution convolutions of the image, so
 boundaries are predicted per pixel. Output: [B, out_channels, H, W] raw values (no activation).
 Also here: the adapter both methods share (clusters -> Instances) and its soft-mask helper.
@@ -23,9 +23,6 @@ from segpipe.modeling.embed_cluster import Cluster
 from segpipe.ops.masks import crop_to_box_frame, encode_local
 from segpipe.structures import SOFT_MASK_SIZE, Instances
 
-PAD = 16  # inputs are padded to a multiple of the coarsest stride
-
-
 def _conv(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False),
@@ -35,7 +32,7 @@ def _conv(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequent
 
 
 class EmbedUNet(nn.Module):
-    """[B, 3, H, W] normalised image (H, W multiples of 16) -> [B, out_channels, H, W]."""
+    """[B, 3, H, W] normalised image (H, W multiples of ``multiple``) -> [B, out_channels, H, W]."""
 
     def __init__(self, params: EmbedNetParams, out_channels: int) -> None:
         super().__init__()
@@ -52,7 +49,7 @@ class EmbedUNet(nn.Module):
             self.up.append(nn.Sequential(_conv(c_in + c_skip, c_skip), _conv(c_skip, c_skip)))
         self.refine = _conv(ch[0] + params.full_res_channels, ch[0])
         self.head = nn.Conv2d(ch[0], out_channels, 1)
-        self.levels = len(ch)
+        self.multiple = max(16, 2 ** len(ch))  # inputs are padded to a multiple of the coarsest stride (at least 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         full = self.full(x)

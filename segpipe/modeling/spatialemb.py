@@ -22,7 +22,7 @@ from segpipe.config import ModelCard, SpatialEmbParams
 from segpipe.modeling.embed_cluster import cluster_spatial
 from segpipe.modeling.embed_losses import spatial_embedding_loss
 from segpipe.modeling.batching import pad_batch
-from segpipe.modeling.embednet import PAD, ClusterAdapter, EmbedUNet, pad_masks
+from segpipe.modeling.embednet import ClusterAdapter, EmbedUNet, pad_masks
 from segpipe.modeling.registry import register
 
 SIGMA_INIT = 0.5  # exp(10 * 0.5) = 148: membership 0.5 at ~0.068 units (~9 px at 128 px/unit)
@@ -46,7 +46,7 @@ class SpatialEmbNet(nn.Module):
 
     def maps(self, images: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """-> offsets [B, 2, Hp, Wp] (tanh), sigma raw [B, n_sigma, Hp, Wp], seed [B, C, Hp, Wp] (sigmoid)."""
-        raw = self.net(pad_batch(images, PAD))
+        raw = self.net(pad_batch(images, self.net.multiple))
         ns = self.params.n_sigma
         return torch.tanh(raw[:, :2]), raw[:, 2 : 2 + ns], torch.sigmoid(raw[:, 2 + ns :])
 
