@@ -84,7 +84,7 @@ def data_polar_bound(
 
 @app.command("train")
 def train_cmd(
-    method: Annotated[str, typer.Argument(help="maskrcnn | polarmask | spatialemb | discloss")],
+    method: Annotated[str, typer.Argument(help="maskrcnn | polarmask | spatialemb | discloss | rsis")],
     domain: Annotated[str, typer.Option(help="shapes (generated) | nuclei (COCO file + images)")] = "shapes",
     data: Annotated[Optional[str], typer.Option(help="nuclei: folder/URI with train.json, val.json, images/")] = None,
     iterations: Annotated[Optional[int], typer.Option(help="optimizer steps (default: the recipe's)")] = None,

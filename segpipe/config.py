@@ -227,6 +227,13 @@ class EmbedNetParams(Strict):
     channels: list[int] = Field(default_factory=lambda: [16, 32, 64, 128], min_length=2)
     full_res_channels: int = Field(8, ge=1)
     context_dilations: list[int] = Field(default_factory=lambda: [2, 4], description="dilated 3x3 convs at the bottom")
+    classify: Literal["pixels", "instances"] = Field(
+        "pixels", description="pixels: the paper's per-pixel class maps, voted over each instance; instances: class-agnostic "
+        "maps plus a second-stage classifier of each instance's image crop and mask (segpipe.modeling.instance_classifier)")
+    class_crop: int = Field(32, ge=8, description="instance classifier input side, pixels")
+    class_channels: list[int] = Field(default_factory=lambda: [32, 64, 128], min_length=1,
+                                      description="instance classifier conv widths (stride 2 between levels)")
+    w_class: float = Field(1.0, ge=0, description="weight of the instance classifier's cross-entropy")
 
 
 class SpatialEmbParams(EmbedNetParams):
@@ -263,6 +270,8 @@ class DiscLossParams(EmbedNetParams):
     bandwidth: float | None = Field(None, gt=0, description="mean-shift radius; default delta_d")
     radius: float | None = Field(None, gt=0, description="pixels within this distance of a mode join it; default delta_d")
     shift_iters: int = Field(10, ge=0)
+    split_components: bool = Field(True, description="split each cluster into 4-connected components (look-alike "
+                                   "objects far apart share an embedding); off keeps an occluded object's separate parts together")
     min_pixels: int = Field(8, ge=1, description="smallest instance kept, pixels")
     max_instances: int = Field(1000, ge=1)
 
@@ -270,6 +279,34 @@ class DiscLossParams(EmbedNetParams):
     def _margins(self) -> "DiscLossParams":
         if self.delta_d <= self.delta_v:
             raise ValueError("delta_d must exceed delta_v (clusters could not be told apart)")
+        return self
+
+
+class RSISParams(EmbedNetParams):
+    """RSIS (Salvador et al., 2017): the encoder of ``EmbedNetParams`` (``channels`` at strides
+    2, 4, ...), then per step a hierarchy of ConvLSTMs, one per entry of ``lstm_channels`` from the
+    coarsest encoder stride down, each fed the encoder skip at its stride, the finer-upsampled
+    output of the level above and the canvas of masks already emitted; a full-resolution
+    refinement emits the step's mask; class and stop heads read the max-pooled hidden states.
+    ``classify: pixels`` means that per-step class head (the paper); ``instances`` the
+    second-stage crop classifier."""
+
+    lstm_channels: list[int] = Field(default_factory=lambda: [64, 32, 16], min_length=1,
+                                     description="ConvLSTM hidden widths, coarse to fine")
+    max_steps: int = Field(20, ge=1, le=1000, description="the bound: at most this many instances per image (inference "
+                           "and training); objects past it are not found")
+    stop_thresh: float = Field(0.5, gt=0, lt=1, description="stop at the first step whose stop probability reaches this")
+    mask_thresh: float = Field(0.5, gt=0, lt=1, description="mask probability that makes a pixel part of the step's instance")
+    min_pixels: int = Field(8, ge=1, description="smallest instance kept, pixels")
+    feed_canvas: bool = Field(True, description="give each step the union of the masks emitted so far")
+    w_mask: float = Field(1.0, ge=0, description="soft-IoU loss weight")
+    w_step_class: float = Field(1.0, ge=0, description="per-step class cross-entropy weight (classify: pixels)")
+    w_stop: float = Field(1.0, ge=0, description="stop binary cross-entropy weight")
+
+    @model_validator(mode="after")
+    def _levels(self) -> "RSISParams":
+        if len(self.lstm_channels) > len(self.channels):
+            raise ValueError(f"lstm_channels: {len(self.lstm_channels)} levels but the encoder has only {len(self.channels)}")
         return self
 
 
@@ -367,10 +404,17 @@ TRAIN_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
     },
     ("polarmask", "shapes"): {"iterations": 6000, "lr": 2e-3},
     ("polarmask", "nuclei"): {"iterations": 4000, "crop": 256, "lr": 2e-3, "warmup": 200},
-    ("spatialemb", "shapes"): {"iterations": 8000, "warmup": 200, "params": {"channels": [16, 32, 64, 128, 256]}},
+    ("spatialemb", "shapes"): {"iterations": 7000, "warmup": 200,
+                               "params": {"channels": [16, 32, 64, 128, 256], "classify": "instances"}},
     ("spatialemb", "nuclei"): {"iterations": 3000, "crop": 256, "warmup": 200},
-    ("discloss", "shapes"): {"iterations": 8000, "warmup": 200, "params": {"coord_scale": 16.0, "channels": [16, 32, 64, 128, 256]}},
+    ("discloss", "shapes"): {"iterations": 7000, "warmup": 200,
+                             "params": {"coord_scale": 16.0, "channels": [16, 32, 64, 128, 256], "classify": "instances",
+                                        "split_components": False}},
     ("discloss", "nuclei"): {"iterations": 4000, "crop": 256, "warmup": 200, "params": {"coord_scale": 8.0}},
+    ("rsis", "shapes"): {"iterations": 5000, "crop": 160, "warmup": 200,
+                         "params": {"lstm_channels": [64, 32], "max_steps": 16, "classify": "instances"}},
+    ("rsis", "nuclei"): {"iterations": 4000, "crop": 128, "warmup": 200,
+                         "params": {"channels": [16, 32, 64], "lstm_channels": [32, 16], "max_steps": 100}},
 }
 
 
@@ -380,7 +424,7 @@ class TrainConfig(Strict):
     Fields left unset take the (method, domain) recipe of ``TRAIN_RECIPES`` first, then the
     defaults below."""
 
-    method: Literal["maskrcnn", "polarmask", "spatialemb", "discloss"] = "maskrcnn"
+    method: Literal["maskrcnn", "polarmask", "spatialemb", "discloss", "rsis"] = "maskrcnn"
     domain: Literal["shapes", "nuclei"] = "shapes"
     data: str | None = Field(None, description="nuclei: folder or URI with train.json, val.json, images/; "
                                                "default $SEGPIPE_NUCLEI, else ../shared/data/nuclei")

@@ -88,9 +88,12 @@ def make_polar_card(folder: Path, name: str = "tiny-polarmask", categories: list
 
 TINY_EMBED_PARAMS = {"channels": [4, 8, 8], "full_res_channels": 2, "context_dilations": [2],
                      "fg_thresh": 0.05, "min_pixels": 4, "max_instances": 50}
+TINY_RSIS_PARAMS = {"channels": [4, 8, 8], "full_res_channels": 2, "context_dilations": [2], "lstm_channels": [8, 4],
+                    "max_steps": 6, "min_pixels": 2}
 
 
-def make_embed_card(folder: Path, method: str, name: str | None = None, categories: list[dict] | None = None, seed: int = 0) -> Path:
+def make_embed_card(folder: Path, method: str, name: str | None = None, categories: list[dict] | None = None, seed: int = 0,
+                    params: dict | None = None) -> Path:
     """Write an untrained tiny SpatialEmbeddings (``method='spatialemb'``) or discriminative-loss
     (``'discloss'``) zoo entry. Low foreground thresholds make untrained weights still emit instances."""
     import torch
@@ -104,7 +107,7 @@ def make_embed_card(folder: Path, method: str, name: str | None = None, categori
     folder.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     extra = {"seed_thresh": 0.05} if method == "spatialemb" else {}
-    p = spec.params.model_validate(TINY_EMBED_PARAMS | extra)
+    p = spec.params.model_validate(TINY_EMBED_PARAMS | extra | (params or {}))
     digest = save_weights(spec.build(params=p, num_classes=len(cats)), folder / "weights.safetensors")
     card = {"name": name or f"tiny-{method}", "family": spec.family, "paper": f"{method} (test fixture, untrained)",
             "builder": spec.builder, "params": p.model_dump(mode="json"), "categories": cats,
@@ -129,3 +132,61 @@ def shapes_data(tmp_path_factory) -> Path:
     (root / "images" / "corrupt.jpg").write_bytes(good[: len(good) // 3])  # truncated JPEG
     (root / "images" / "notes.png").write_bytes(b"<html><body>not an image</body></html>")
     return root
+
+
+def assert_training_reduces_loss(net, images, targets, steps: int = 30, lr: float = 1e-2, factor: float = 0.7) -> None:
+    """A few Adam steps on one fixed batch must bring the summed loss below ``factor`` x its start."""
+    import torch
+
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    first = None
+    for _ in range(steps):
+        loss = sum(net(images, targets).values())
+        first = float(loss.detach()) if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert float(loss.detach()) < factor * first, (float(loss.detach()), first)
+
+
+def check_loss_backward(net, images, targets, keys: set[str]) -> list:
+    """Training forward: exactly the loss ``keys``, a finite total, a backward pass; returns each
+    parameter's gradient (None where the loss does not reach it); the gradients present are finite."""
+    import torch
+
+    losses = net(images, targets)
+    assert set(losses) == keys
+    total = sum(losses.values())
+    assert torch.isfinite(total)
+    total.backward()
+    grads = [p.grad for p in net.parameters()]
+    assert all(torch.isfinite(g).all() for g in grads if g is not None)
+    return grads
+
+
+def check_nonoverlapping_output(adapter, label_ids: set[int], min_area: int = 1) -> list:
+    """Run ``adapter`` on two random images and check the Instances contract of the methods whose
+    instances never overlap: sizes, at least one instance, labels among ``label_ids``, scores in
+    descending order, disjoint masks of at least ``min_area`` pixels, tight boxes, float16 box-frame
+    soft masks in [0, 1]. Returns the Instances."""
+    import numpy as np
+
+    from segpipe.ops import masks as mask_ops
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (45, 61, 3), dtype=np.uint8), rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)]
+    out = adapter.predict(images)
+    assert [(i.height, i.width) for i in out] == [(45, 61), (32, 32)]
+    assert sum(len(i) for i in out) > 0
+    for inst in out:
+        assert set(np.unique(inst.labels)) <= label_ids
+        assert np.all(np.diff(inst.scores) <= 0)
+        if len(inst):
+            assert mask_ops.decode(inst.masks).sum(0).max() <= 1  # never overlap
+            assert np.all(mask_ops.area(inst.masks) >= min_area)
+            xywh = mask_ops.to_bbox(inst.masks)
+            np.testing.assert_allclose(inst.boxes[:, :2], xywh[:, :2])
+            np.testing.assert_allclose(inst.boxes[:, 2:], xywh[:, :2] + xywh[:, 2:])
+            assert inst.mask_probs.shape == (len(inst), 28, 28) and inst.mask_probs.dtype == np.float16
+            assert float(inst.mask_probs.max()) <= 1.0 and float(inst.mask_probs.min()) >= 0.0
+    return out

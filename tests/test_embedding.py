@@ -11,7 +11,7 @@ import torch
 
 from segpipe.config import DiscLossParams, SpatialEmbParams
 from segpipe.modeling import discloss, spatialemb
-from segpipe.modeling.embed_cluster import cluster_discriminative, cluster_spatial
+from segpipe.modeling.embed_cluster import Cluster, cluster_discriminative, cluster_spatial
 from segpipe.modeling.embed_losses import (
     coordinate_map,
     discriminative_loss,
@@ -19,10 +19,10 @@ from segpipe.modeling.embed_losses import (
     lovasz_hinge,
     spatial_embedding_loss,
 )
+from segpipe.modeling.instance_classifier import InstanceClassifier, grow_boxes, jitter_boxes, make_classifier, tight_boxes
 from segpipe.modeling.zoo import load_adapter
 
-from conftest import make_embed_card
-from segpipe.ops import masks as mask_ops
+from conftest import assert_training_reduces_loss, check_loss_backward, check_nonoverlapping_output, make_embed_card
 
 TINY_NET = {"channels": [4, 8, 8], "full_res_channels": 2, "context_dilations": [2]}
 
@@ -254,6 +254,15 @@ def test_cluster_discriminative_recovers_instances_and_splits_far_look_alikes():
         match = [lab for g, lab in got if np.array_equal(g, m)]
         assert match == [1 + (k % 2)], k
     assert all(0.5 < c.score <= 1.0 for c in clusters)
+    # Without the component split the far look-alikes 0 and 2 stay one instance (their union).
+    joined = cluster_discriminative(torch.from_numpy(emb), torch.from_numpy(probs), delta_v=0.5, delta_d=1.5, min_pixels=4,
+                                    split_components=False)
+    assert len(joined) == 3
+    union = [c for c in joined if len(c.ys) == int((masks[0] | masks[2]).sum())]
+    assert len(union) == 1
+    g = np.zeros((h, w), bool)
+    g[union[0].ys, union[0].xs] = True
+    assert np.array_equal(g, masks[0] | masks[2])
 
 
 # --- tiny networks ------------------------------------------------------------------------------
@@ -275,6 +284,8 @@ NETS = {
     "discloss": (discloss.build_network, DiscLossParams, {"loss_var", "loss_dist", "loss_reg", "loss_semantic"}),
 }
 SEMI = {"discloss": {"coord_scale": 8.0}}  # forward/backward also with semi-convolutional embeddings
+INST = {"classify": "instances", "class_crop": 8, "class_channels": [4, 8]}  # class-agnostic maps + instance classifier
+VARIANTS = [(m, None) for m in NETS] + list(SEMI.items()) + [(m, INST) for m in NETS]
 
 
 def _tiny_train_net(method, extra=None):
@@ -283,64 +294,34 @@ def _tiny_train_net(method, extra=None):
     return build(params=P.model_validate(TINY_NET | (extra or {})), num_classes=2).train()
 
 
-@pytest.mark.parametrize("method, extra", [(m, None) for m in NETS] + list(SEMI.items()))
+@pytest.mark.parametrize("method, extra", VARIANTS)
 def test_tiny_network_forward_backward(method, extra):
-    keys = NETS[method][2]
+    keys = NETS[method][2] | ({"loss_class"} if extra == INST else set())
     net = _tiny_train_net(method, extra)
     images, targets = _targets()
-    losses = net(images, targets)
-    assert set(losses) == keys
-    total = sum(losses.values())
-    assert torch.isfinite(total)
-    total.backward()
-    grads = [p.grad for p in net.parameters()]
-    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    grads = check_loss_backward(net, images, targets, keys)
+    assert all(g is not None for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
     with pytest.raises(ValueError, match="targets"):
         net(images)
 
 
-@pytest.mark.parametrize("method, extra", [(m, None) for m in NETS] + list(SEMI.items()))
+@pytest.mark.parametrize("method, extra", VARIANTS)
 def test_a_few_steps_reduce_the_loss(method, extra):
-    net = _tiny_train_net(method, extra)
-    images, targets = _targets()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
-    first = None
-    for _ in range(30):
-        loss = sum(net(images, targets).values())
-        first = float(loss.detach()) if first is None else first
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert float(loss.detach()) < 0.7 * first
+    assert_training_reduces_loss(_tiny_train_net(method, extra), *_targets())
 
 
-@pytest.mark.parametrize("method", NETS)
-def test_adapter_contract_on_untrained_weights(tmp_path, method):
+@pytest.mark.parametrize("method, extra", [(m, None) for m in NETS] + [(m, INST) for m in NETS])
+def test_adapter_contract_on_untrained_weights(tmp_path, method, extra):
     cats = [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}]
-    adapter, card = load_adapter(str(make_embed_card(tmp_path / method, method, categories=cats)))
+    adapter, card = load_adapter(str(make_embed_card(tmp_path / method, method, categories=cats, params=extra)))
+    assert (adapter.network.classifier is not None) == (extra == INST)
     assert card.builder == method and adapter.network.training is False
     # Lower the thresholds so an untrained net yields clusters to check the contract on.
     p = adapter.network.params
     upd = {"fg_thresh": 0.01, "min_pixels": 2} | ({"seed_thresh": 0.01} if method == "spatialemb" else {})
     adapter.network.params = p.model_copy(update=upd)
-    rng = np.random.default_rng(0)
-    images = [rng.integers(0, 255, (45, 61, 3), dtype=np.uint8), rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)]
-    out = adapter.predict(images)
-    assert [(i.height, i.width) for i in out] == [(45, 61), (32, 32)]
-    assert sum(len(i) for i in out) > 0
-    for inst in out:
-        assert set(np.unique(inst.labels)) <= {3, 7}
-        assert np.all(np.diff(inst.scores) <= 0)
-        if len(inst):
-            dense = mask_ops.decode(inst.masks)
-            assert dense.sum(0).max() <= 1  # clusters never overlap
-            assert np.all(mask_ops.area(inst.masks) >= 2)
-            xywh = mask_ops.to_bbox(inst.masks)
-            np.testing.assert_allclose(inst.boxes[:, :2], xywh[:, :2])
-            np.testing.assert_allclose(inst.boxes[:, 2:], xywh[:, :2] + xywh[:, 2:])
-            assert inst.mask_probs.shape == (len(inst), 28, 28) and inst.mask_probs.dtype == np.float16
-            assert float(inst.mask_probs.max()) <= 1.0 and float(inst.mask_probs.min()) >= 0.0
+    check_nonoverlapping_output(adapter, {3, 7}, min_area=2)
 
 
 def test_discloss_score_threshold_filters(tmp_path):
@@ -367,3 +348,108 @@ def test_gaussian_membership_single_sigma_is_isotropic():
 def test_params_reject_delta_d_not_above_delta_v(a, b):
     with pytest.raises(ValueError, match="delta_d"):
         DiscLossParams(delta_v=b, delta_d=a)
+
+
+# --- instance classifier (classify: instances) --------------------------------------------------
+
+
+def test_grow_and_jitter_boxes():
+    b = torch.tensor([[10.0, 10.0, 30.0, 20.0]])
+    assert torch.allclose(grow_boxes(b, 0.15), torch.tensor([[7.0, 8.5, 33.0, 21.5]]))
+    torch.manual_seed(0)
+    d = (jitter_boxes(b.repeat(500, 1), 0.1) - b).abs()
+    assert float(d[:, [0, 2]].max()) <= 2.0 + 1e-5 and float(d[:, [1, 3]].max()) <= 1.0 + 1e-5  # 0.1 x side
+    assert float(d[:, [0, 2]].max()) > 1.8 and float(d[:, [1, 3]].mean()) > 0.3  # and they really move
+
+
+def test_tight_boxes_are_half_open():
+    m = torch.zeros((2, 8, 9), dtype=torch.bool)
+    m[0, 2:5, 3:7] = True
+    m[1, 0, 8] = True
+    assert tight_boxes(m).tolist() == [[3.0, 2.0, 7.0, 5.0], [8.0, 0.0, 9.0, 1.0]]
+
+
+def _cluster_of(mask: np.ndarray) -> Cluster:
+    ys, xs = np.nonzero(mask)
+    return Cluster(ys=ys, xs=xs, score=0.8, label=1, window=(0, 0, mask.shape[1], mask.shape[0]),
+                   prob=mask.astype(np.float32))
+
+
+@pytest.mark.parametrize("where", ["inside", "at the corner"])
+def test_cluster_crops_equal_the_training_crops(where):
+    """Inference builds each mask in a small local frame; training samples full-image masks:
+    both must give the classifier the same input."""
+    torch.manual_seed(0)
+    clf = InstanceClassifier(3, crop=16, channels=[4]).eval()
+    image = torch.randn(3, 30, 40)
+    m = np.zeros((30, 40), bool)
+    if where == "inside":
+        m[5:17, 8:30] = True
+        m[10:12, 8:20] = False  # a notch
+    else:
+        m[0:9, 31:40] = True
+    got = clf.cluster_crops(image, [_cluster_of(m)])
+    full = torch.from_numpy(m)[None]
+    want = clf.crops(image, full, tight_boxes(full))
+    assert got.shape == (1, 4, 16, 16)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    if where == "inside":  # mask channel: +2 on the object, -2 in the margin around it
+        assert float(got[0, 3, 3, 12]) > 1.9 and float(got[0, 3, 0, 0]) < -1.9 and float(got[0, 3, 8, 4]) < 0
+
+
+def _outline_batch(rng: np.random.Generator, n: int, size: int = 40):
+    """Images with one textured filled square (class 1) or plus sign (class 2) each; the outline
+    alone tells the class -> (normalised images [n, 3, size, size], targets)."""
+    images, targets = torch.randn(n, 3, size, size), []
+    for i in range(n):
+        label = int(rng.integers(1, 3))
+        r = int(rng.integers(6, 12))
+        cy, cx = (int(v) for v in rng.integers(r, size - r, 2))
+        m = torch.zeros((size, size), dtype=torch.bool)
+        if label == 1:
+            m[cy - r : cy + r, cx - r : cx + r] = True
+        else:
+            a = max(r // 3, 1)
+            m[cy - r : cy + r, cx - a : cx + a] = True
+            m[cy - a : cy + a, cx - r : cx + r] = True
+        images[i][:, m] = torch.randn(3, 1) + 0.3 * torch.randn(3, int(m.sum()))
+        targets.append({"masks": m[None], "labels": torch.tensor([label])})
+    return images, targets
+
+
+def test_instance_classifier_learns_classes_from_outlines():
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    clf = InstanceClassifier(2, crop=16, channels=[8, 16])
+    opt = torch.optim.Adam(clf.parameters(), lr=3e-3)
+    for _ in range(60):
+        images, targets = _outline_batch(rng, 16)
+        loss = clf.batch_loss(images, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    clf.eval()
+    images, targets = _outline_batch(np.random.default_rng(99), 40)
+    right = 0
+    for img, t in zip(images, targets):
+        [c] = clf.classify(img, [_cluster_of(t["masks"][0].numpy())])
+        right += int(c.label == int(t["labels"][0]))
+        assert 0.0 < c.score <= 0.8  # cluster score x class probability
+    assert right >= 36, right  # 90% on unseen images (chance: 50%)
+
+
+def test_instance_classifier_loss_without_instances_is_zero():
+    clf = InstanceClassifier(2, crop=8, channels=[4])
+    empty = {"masks": torch.zeros((0, 16, 16), dtype=torch.uint8), "labels": torch.zeros(0, dtype=torch.int64)}
+    loss = clf.batch_loss(torch.randn(1, 3, 16, 16), [empty])
+    assert float(loss) == 0.0 and loss.requires_grad
+
+
+def test_single_class_models_need_no_classifier():
+    """One class: the maps name it, so the nuclei zoo weights (no classifier) stay loadable."""
+    p = SpatialEmbParams.model_validate(TINY_NET | INST)
+    assert make_classifier(p, 1) is None and make_classifier(p, 2) is not None
+    net = spatialemb.build_network(params=p, num_classes=1)
+    assert net.classifier is None and not any(k.startswith("classifier") for k in net.state_dict())
+    assert net.n_seed == 1 and spatialemb.build_network(params=p, num_classes=3).n_seed == 1
+    assert spatialemb.build_network(params=SpatialEmbParams.model_validate(TINY_NET), num_classes=3).n_seed == 3

@@ -21,7 +21,7 @@ from segpipe.data.coco import CocoInstances
 from segpipe.train.domains import nuclei_root
 from segpipe.train.loop import train
 
-from conftest import REPO, TINY_EMBED_PARAMS, TINY_PARAMS, TINY_POLAR_PARAMS
+from conftest import REPO, TINY_EMBED_PARAMS, TINY_PARAMS, TINY_POLAR_PARAMS, TINY_RSIS_PARAMS
 
 SAMPLE = REPO / "workflows" / "samples" / "nuclei"
 
@@ -92,7 +92,8 @@ def _mini_nuclei(tmp_path: Path, n_train: int = 3, n_val: int = 2) -> Path:
 
 
 @pytest.mark.parametrize("method, params", [("polarmask", TINY_POLAR_PARAMS), ("maskrcnn", TINY_PARAMS | {"resize": False}),
-                                            ("spatialemb", TINY_EMBED_PARAMS), ("discloss", TINY_EMBED_PARAMS)])
+                                            ("spatialemb", TINY_EMBED_PARAMS), ("discloss", TINY_EMBED_PARAMS),
+                                            ("rsis", TINY_RSIS_PARAMS)])
 def test_train_on_nuclei_from_a_uri_writes_a_card(tmp_path, method, params):
     root = _mini_nuclei(tmp_path)
     cfg = TrainConfig(method=method, domain="nuclei", data=root.as_uri(), iterations=2, batch_size=2, crop=64, warmup=1,

@@ -4,3 +4,4 @@ from segpipe.modeling import maskrcnn  # noqa: F401
 from segpipe.modeling import polarmask  # noqa: F401
 from segpipe.modeling import spatialemb  # noqa: F401
 from segpipe.modeling import discloss  # noqa: F401
+from segpipe.modeling import rsis  # noqa: F401

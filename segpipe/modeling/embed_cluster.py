@@ -99,6 +99,7 @@ def cluster_discriminative(
     bandwidth: float | None = None,
     radius: float | None = None,
     shift_iters: int = 10,
+    split_components: bool = True,
     min_pixels: int = 8,
     max_instances: int = 1000,
 ) -> list[Cluster]:
@@ -110,9 +111,10 @@ def cluster_discriminative(
     mean-shift its embedding to the local mode (radius ``bandwidth``, default ``delta_d``), and
     claim the unclaimed foreground pixels within ``radius`` (default ``delta_d``) of the mode
     (after training, pixels lie within ``delta_v`` of their mean and means ``2 delta_d`` apart,
-    so a threshold between the two separates them). A claimed cluster is split into 4-connected
-    components: a fully convolutional net gives look-alike objects far apart the same embedding,
-    and the components tell them apart. Components of at least ``min_pixels`` become instances.
+    so a threshold between the two separates them). With ``split_components`` a claimed cluster
+    is split into 4-connected components: a fully convolutional net gives look-alike objects far
+    apart the same embedding, and the components tell them apart (off: an occluded object's
+    visible parts stay one instance). Parts of at least ``min_pixels`` become instances.
     Score = mean foreground probability x mean membership, with membership
     m_i = sigmoid((radius - |e_i - mode|) / (delta_v / 2)); class = the class with the largest
     summed probability; soft mask = foreground probability x membership.
@@ -153,7 +155,7 @@ def cluster_discriminative(
         x0, y0, x1, y1 = _window(ys_all, xs_all, h, w)
         grid = np.zeros((y1 - y0, x1 - x0), bool)
         grid[ys_all - y0, xs_all - x0] = True
-        comps, _ = ndimage.label(grid)
+        comps = ndimage.label(grid)[0] if split_components else grid.astype(np.int32)
         win_emb = emb[:, y0:y1, x0:x1]
         member = torch.sigmoid((rad - (win_emb - mode[:, None, None]).norm(dim=0)) / tau)
         soft = (member * fg_prob[y0:y1, x0:x1]).float().cpu().numpy()

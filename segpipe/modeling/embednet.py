@@ -23,12 +23,23 @@ from segpipe.modeling.embed_cluster import Cluster
 from segpipe.ops.masks import crop_to_box_frame, encode_local
 from segpipe.structures import SOFT_MASK_SIZE, Instances
 
-def _conv(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+def conv_bn_relu(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, stride=stride, padding=dilation, dilation=dilation, bias=False),
         nn.BatchNorm2d(cout),
         nn.ReLU(inplace=True),
     )
+
+
+def encoder(params: EmbedNetParams) -> tuple[nn.ModuleList, nn.Sequential]:
+    """The shared encoder: one level (a stride-2 conv and a conv) per entry of ``params.channels``,
+    and the dilated context block run on the last level's output."""
+    ch = list(params.channels)
+    down, cin = nn.ModuleList(), 3
+    for c in ch:
+        down.append(nn.Sequential(conv_bn_relu(cin, c, stride=2), conv_bn_relu(c, c)))
+        cin = c
+    return down, nn.Sequential(*[conv_bn_relu(ch[-1], ch[-1], dilation=d) for d in params.context_dilations])
 
 
 class EmbedUNet(nn.Module):
@@ -37,17 +48,13 @@ class EmbedUNet(nn.Module):
     def __init__(self, params: EmbedNetParams, out_channels: int) -> None:
         super().__init__()
         ch = list(params.channels)
-        self.full = nn.Sequential(_conv(3, params.full_res_channels), _conv(params.full_res_channels, params.full_res_channels))
-        self.down = nn.ModuleList()
-        cin = 3
-        for c in ch:
-            self.down.append(nn.Sequential(_conv(cin, c, stride=2), _conv(c, c)))
-            cin = c
-        self.context = nn.Sequential(*[_conv(ch[-1], ch[-1], dilation=d) for d in params.context_dilations])
+        fr = params.full_res_channels
+        self.full = nn.Sequential(conv_bn_relu(3, fr), conv_bn_relu(fr, fr))
+        self.down, self.context = encoder(params)
         self.up = nn.ModuleList()
         for c_skip, c_in in zip(reversed(ch[:-1]), reversed(ch[1:])):
-            self.up.append(nn.Sequential(_conv(c_in + c_skip, c_skip), _conv(c_skip, c_skip)))
-        self.refine = _conv(ch[0] + params.full_res_channels, ch[0])
+            self.up.append(nn.Sequential(conv_bn_relu(c_in + c_skip, c_skip), conv_bn_relu(c_skip, c_skip)))
+        self.refine = conv_bn_relu(ch[0] + params.full_res_channels, ch[0])
         self.head = nn.Conv2d(ch[0], out_channels, 1)
         self.multiple = max(16, 2 ** len(ch))  # inputs are padded to a multiple of the coarsest stride (at least 16)
 

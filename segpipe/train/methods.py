@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from pydantic import BaseModel
 
-from segpipe.config import DiscLossParams, MaskRCNNParams, PolarMaskParams, SpatialEmbParams
+from segpipe.config import DiscLossParams, MaskRCNNParams, PolarMaskParams, RSISParams, SpatialEmbParams
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,12 @@ def _discloss(**kw):
     return build_network(**kw)
 
 
+def _rsis(**kw):
+    from segpipe.modeling.rsis import build_network
+
+    return build_network(**kw)
+
+
 METHODS: dict[str, MethodSpec] = {
     "maskrcnn": MethodSpec(MaskRCNNParams, _maskrcnn, "maskrcnn", "detection",
                            "Mask R-CNN, He, Gkioxari, Dollar, Girshick, ICCV 2017 (arXiv:1703.06870)"),
@@ -56,4 +62,7 @@ METHODS: dict[str, MethodSpec] = {
     "discloss": MethodSpec(DiscLossParams, _discloss, "discloss", "embedding",
                            "Semantic Instance Segmentation with a Discriminative Loss Function, "
                            "De Brabandere, Neven, Van Gool, CVPR-W 2017 (arXiv:1708.02551)"),
+    "rsis": MethodSpec(RSISParams, _rsis, "rsis", "recurrent",
+                       "Recurrent Neural Networks for Semantic Instance Segmentation, Salvador, Bellver, Campos, Baradad, "
+                       "Marques, Torres, Giro-i-Nieto, 2017 (arXiv:1712.00617)"),
 }

@@ -1,0 +1,302 @@
+"""RSIS: recurrent instance segmentation (Salvador, Bellver, Campos, Baradad, Marques, Torres,
+Giro-i-Nieto, "Recurrent Neural Networks for Semantic Instance Segmentation", 2017).
+
+An encoder runs once per image; then a recurrent decoder emits one instance per step. Per step,
+a hierarchy of ConvLSTMs (``RSISParams.lstm_channels``, coarsest encoder stride first) reads the
+encoder skip at its stride, the upsampled output of the level above and (``feed_canvas``) the
+union of the masks emitted so far; a refinement on the first encoder level's features (stride
+2) turns the finest hidden state into the step's mask logits, upsampled to the image; a class
+head and a stop head read the max-pooled hidden states.
+
+Training (``rsis_loss``): with N ground-truth instances the decoder runs min(N + 1, max_steps)
+steps; the first min(N, steps) masks are matched to the ground truth by the Hungarian algorithm
+on soft IoU; matched pairs cost 1 - soft IoU and the class cross-entropy; step t's stop target
+is 1 when t >= N (no object left), else 0.
+
+Inference: steps run until the stop probability reaches ``stop_thresh`` or ``max_steps`` (the
+bound: objects past it are not found). A step's instance is its mask above ``mask_thresh``
+minus the pixels earlier steps took; it is dropped below ``min_pixels`` or when more than half
+of it was taken already (a repeat). Score = (1 - stop probability) x mean mask probability over
+the instance (x class probability); instances never overlap.
+
+Differences from the paper, for CPU budgets: a small BN encoder instead of ResNet-101, and the
+canvas input (from Ren and Zemel's recurrent attention, CVPR 2017), which tells each step what
+has been covered without relying on the LSTM memory alone.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+from torch import nn
+
+from segpipe.config import ModelCard, RSISParams
+from segpipe.modeling.batching import pad_batch
+from segpipe.modeling.embed_cluster import Cluster
+from segpipe.modeling.embednet import ClusterAdapter, encoder, pad_masks
+from segpipe.modeling.instance_classifier import make_classifier
+from segpipe.modeling.registry import register
+
+
+# --- pure pieces: matching, losses, the stop rule ---------------------------------------------
+
+
+def soft_iou(probs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Soft IoU of every prediction with every mask: ``probs`` float [K, P] in [0, 1], ``masks``
+    float [N, P] in {0, 1} -> [K, N], sum(p g) / sum(p + g - p g)."""
+    inter = probs @ masks.T
+    union = probs.sum(1)[:, None] + masks.sum(1)[None, :] - inter
+    return inter / union.clamp(min=1e-6)
+
+
+def hungarian_match(cost: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Minimum-cost one-to-one assignment of a [K, N] cost matrix -> (rows, cols), min(K, N)
+    pairs, rows increasing."""
+    rows, cols = linear_sum_assignment(cost)
+    return rows.astype(np.int64), cols.astype(np.int64)
+
+
+def stop_targets(n_steps: int, n_objects: int) -> torch.Tensor:
+    """float [n_steps]: 1 at steps t >= n_objects (nothing left to segment), else 0."""
+    return (torch.arange(n_steps) >= n_objects).float()
+
+
+def steps_before_stop(stop_probs: Sequence[float], thresh: float) -> int:
+    """The number of steps whose instances count: the index of the first step whose stop
+    probability reaches ``thresh`` (all steps when none does)."""
+    for t, p in enumerate(stop_probs):
+        if p >= thresh:
+            return t
+    return len(stop_probs)
+
+
+def rsis_loss(mask_logits: torch.Tensor, class_logits: torch.Tensor | None, stop_logits: torch.Tensor,
+              masks: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Set loss of one image. ``mask_logits`` [T, H, W], ``class_logits`` [T, C] or None,
+    ``stop_logits`` [T]; ground truth ``masks`` bool [N, H, W], ``labels`` 1-based [N].
+    The first min(N, T) steps are Hungarian-matched to the instances on soft IoU. Returns
+    unweighted ``mask`` (mean 1 - soft IoU over matched pairs), ``class`` (mean cross-entropy
+    over matched pairs; 0 without a class head) and ``stop`` (mean BCE against ``stop_targets``)."""
+    t_steps = mask_logits.shape[0]
+    zero = mask_logits.sum() * 0.0
+    stop = F.binary_cross_entropy_with_logits(stop_logits, stop_targets(t_steps, masks.shape[0]).to(stop_logits.device))
+    k = min(masks.shape[0], t_steps)
+    if k == 0:
+        return {"mask": zero, "class": zero, "stop": stop}
+    probs = torch.sigmoid(mask_logits[:k]).flatten(1)
+    gt = masks.flatten(1).to(probs.dtype)
+    iou = soft_iou(probs, gt)  # [k, N]
+    rows, cols = hungarian_match((1.0 - iou).detach().cpu().numpy())
+    rows_t, cols_t = torch.as_tensor(rows, device=iou.device), torch.as_tensor(cols, device=iou.device)
+    mask_loss = (1.0 - iou[rows_t, cols_t]).mean()
+    cls = zero if class_logits is None else F.cross_entropy(class_logits[rows_t], labels.to(iou.device)[cols_t] - 1)
+    return {"mask": mask_loss, "class": cls, "stop": stop}
+
+
+# --- the network -------------------------------------------------------------------------------
+
+
+class ConvLSTMCell(nn.Module):
+    """ConvLSTM (Shi et al., 2015) with one 3x3 conv for the four gates. ``forward(x [B, Cin, H, W],
+    state (h, c) or None) -> (h, c)``, each [B, hidden, H, W]."""
+
+    def __init__(self, cin: int, hidden: int) -> None:
+        super().__init__()
+        self.hidden = hidden
+        self.gates = nn.Conv2d(cin + hidden, 4 * hidden, 3, padding=1)
+        with torch.no_grad():
+            self.gates.bias.zero_()
+            self.gates.bias[hidden : 2 * hidden].fill_(1.0)  # forget gate open at the start
+
+    def forward(self, x: torch.Tensor, state: tuple[torch.Tensor, torch.Tensor] | None):
+        if state is None:
+            zeros = x.new_zeros((x.shape[0], self.hidden, x.shape[2], x.shape[3]))
+            state = (zeros, zeros)
+        h, c = state
+        i, f, o, g = self.gates(torch.cat([x, h], 1)).chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+
+
+class RSISNet(nn.Module):
+    """``forward(images, targets=None)``: images a list of float [3, H, W] in [0, 1]. Training mode
+    with targets (``masks`` uint8 [N, H, W], ``labels`` int64 [N], 1-based) returns the loss dict;
+    eval mode returns per image a list of ``Cluster`` (at most ``max_steps``)."""
+
+    def __init__(self, params: RSISParams, num_classes: int) -> None:
+        super().__init__()
+        self.params = params
+        self.num_classes = num_classes
+        ch = list(params.channels)
+        self.down, self.context = encoder(params)
+        canvas = 1 if params.feed_canvas else 0
+        self.levels = len(params.lstm_channels)
+        # Encoder outputs read by the LSTM levels, squeezed once per image by 1x1 convs so the
+        # per-step gate convolutions stay cheap.
+        self.skip_proj = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(ch[len(ch) - 1 - i], hid, 1, bias=False), nn.BatchNorm2d(hid), nn.ReLU(inplace=True))
+            for i, hid in enumerate(params.lstm_channels))
+        self.cells = nn.ModuleList()
+        above = 0
+        for hid in params.lstm_channels:
+            self.cells.append(ConvLSTMCell(hid + above + canvas, hid))
+            above = hid
+        fr = params.full_res_channels
+        self.to_fine = nn.Conv2d(above, fr, 1)
+        self.refine = nn.Sequential(nn.Conv2d(fr + ch[0] + canvas, fr, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(fr, 1, 1))
+        pooled = sum(params.lstm_channels)
+        self.classifier = make_classifier(params, num_classes)
+        self.class_head = nn.Linear(pooled, num_classes) if self.classifier is None and num_classes > 1 else None
+        self.stop_head = nn.Linear(pooled, 1)
+        self.multiple = max(16, 2 ** len(ch))
+
+    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Normalised padded images [B, 3, Hp, Wp] -> (projected encoder outputs for the LSTM
+        levels, coarse to fine, and the stride-2 features [B, channels[0], Hp/2, Wp/2])."""
+        outs = []
+        y = x
+        for stage in self.down:
+            y = stage(y)
+            outs.append(y)
+        outs[-1] = self.context(outs[-1])
+        return [proj(outs[len(outs) - 1 - i]) for i, proj in enumerate(self.skip_proj)], outs[0]
+
+    def step(self, skips: list[torch.Tensor], fine: torch.Tensor, canvas: torch.Tensor | None, states: list | None):
+        """One decoder step -> (mask logits [B, Hp, Wp], class logits [B, C] or None, stop logits
+        [B], new states). ``canvas`` [B, 1, Hp, Wp] in [0, 1] (None without ``feed_canvas``).
+        The mask is refined at stride 2 (``fine``) and upsampled bilinearly."""
+        states = states or [None] * self.levels
+        new_states, pooled = [], []
+        y = None
+        for i, (cell, skip) in enumerate(zip(self.cells, skips)):
+            parts = [skip]
+            if y is not None:
+                parts.append(F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False))
+            if canvas is not None:
+                parts.append(F.adaptive_avg_pool2d(canvas, skip.shape[-2:]))
+            h, c = cell(torch.cat(parts, 1), states[i])
+            new_states.append((h, c))
+            pooled.append(h.amax(dim=(2, 3)))
+            y = h
+        parts = [F.interpolate(self.to_fine(y), size=fine.shape[-2:], mode="bilinear", align_corners=False), fine]
+        if canvas is not None:
+            parts.append(F.adaptive_avg_pool2d(canvas, fine.shape[-2:]))
+        logits = self.refine(torch.cat(parts, 1))
+        size = (fine.shape[-2] * 2, fine.shape[-1] * 2)
+        logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[:, 0]
+        feat = torch.cat(pooled, 1)
+        cls = self.class_head(feat) if self.class_head is not None else None
+        return logits, cls, self.stop_head(feat)[:, 0], new_states
+
+    def forward(self, images: Sequence[torch.Tensor], targets: Sequence[dict] | None = None):
+        x = pad_batch(images, self.multiple)
+        if self.training:
+            if targets is None:
+                raise ValueError("training mode needs targets")
+            return self._losses(x, targets)
+        return self._infer(x, [(int(im.shape[1]), int(im.shape[2])) for im in images])
+
+    def _losses(self, x: torch.Tensor, targets: Sequence[dict]) -> dict[str, torch.Tensor]:
+        p = self.params
+        skips, fine = self.encode(x)
+        hp, wp = x.shape[-2:]
+        n_max = max(int(t["masks"].shape[0]) for t in targets)
+        steps = min(n_max + 1, p.max_steps)
+        canvas = x.new_zeros((x.shape[0], 1, hp, wp)) if p.feed_canvas else None
+        states, logits, classes, stops = None, [], [], []
+        for _ in range(steps):
+            m, c, s, states = self.step(skips, fine, canvas, states)
+            logits.append(m)
+            classes.append(c)
+            stops.append(s)
+            if canvas is not None:
+                canvas = torch.maximum(canvas, torch.sigmoid(m.detach())[:, None])
+        logits_t, stops_t = torch.stack(logits, 1), torch.stack(stops, 1)  # [B, T, Hp, Wp], [B, T]
+        classes_t = torch.stack(classes, 1) if classes[0] is not None else None
+        parts = []
+        for b, t in enumerate(targets):
+            masks = pad_masks(t["masks"].to(x.device), hp, wp)
+            parts.append(rsis_loss(logits_t[b], None if classes_t is None else classes_t[b], stops_t[b], masks, t["labels"]))
+        mean = {k: torch.stack([q[k] for q in parts]).mean() for k in parts[0]}
+        losses = {"loss_mask": p.w_mask * mean["mask"], "loss_stop": p.w_stop * mean["stop"]}
+        if self.class_head is not None:
+            losses["loss_step_class"] = p.w_step_class * mean["class"]
+        if self.classifier is not None:
+            losses["loss_class"] = p.w_class * self.classifier.batch_loss(x, targets)
+        return losses
+
+    @torch.no_grad()
+    def _infer(self, x: torch.Tensor, sizes: list[tuple[int, int]]) -> list[list[Cluster]]:
+        p = self.params
+        skips, fine = self.encode(x)
+        b_n, hp, wp = x.shape[0], x.shape[2], x.shape[3]
+        canvas = x.new_zeros((b_n, 1, hp, wp)) if p.feed_canvas else None
+        taken = torch.zeros((b_n, hp, wp), dtype=torch.bool, device=x.device)
+        active = [True] * b_n
+        out: list[list[Cluster]] = [[] for _ in range(b_n)]
+        states = None
+        for _ in range(p.max_steps):
+            m, c, s, states = self.step(skips, fine, canvas, states)
+            prob = torch.sigmoid(m)
+            stop = torch.sigmoid(s)
+            cls = torch.softmax(c, 1) if c is not None else None
+            for b, (h, w) in enumerate(sizes):
+                if not active[b]:
+                    continue
+                if steps_before_stop([float(stop[b])], p.stop_thresh) == 0:
+                    active[b] = False
+                    continue
+                cluster = self._instance(prob[b, :h, :w], taken[b, :h, :w], float(stop[b]), None if cls is None else cls[b])
+                taken[b, :h, :w] |= prob[b, :h, :w] > p.mask_thresh
+                if cluster is not None:
+                    out[b].append(cluster)
+            if not any(active):
+                break
+            if canvas is not None:
+                canvas = torch.maximum(canvas, prob[:, None])
+        if self.classifier is not None:
+            out = [self.classifier.classify(x[b], clusters) for b, clusters in enumerate(out)]
+        return out
+
+    def _instance(self, prob: torch.Tensor, taken: torch.Tensor, stop: float, cls: torch.Tensor | None) -> Cluster | None:
+        """One step's instance from its mask probabilities [h, w] and the pixels already taken."""
+        p = self.params
+        full = prob > p.mask_thresh
+        new = full & ~taken
+        n_new, n_full = int(new.sum()), int(full.sum())
+        if n_new < p.min_pixels or n_new * 2 <= n_full:
+            return None
+        ys, xs = (v.cpu().numpy() for v in torch.nonzero(new, as_tuple=True))
+        h, w = prob.shape
+        x0, y0 = max(int(xs.min()) - 2, 0), max(int(ys.min()) - 2, 0)
+        x1, y1 = min(int(xs.max()) + 3, w), min(int(ys.max()) + 3, h)
+        score = (1.0 - stop) * float(prob[new].mean())
+        label = 1
+        if cls is not None:
+            label = int(cls.argmax()) + 1
+            score *= float(cls.max())
+        local = (prob[y0:y1, x0:x1] * ~taken[y0:y1, x0:x1]).float().cpu().numpy()
+        return Cluster(ys=ys.astype(np.int64), xs=xs.astype(np.int64), score=score, label=label, window=(x0, y0, x1, y1), prob=local)
+
+
+def build_network(*, params: RSISParams, num_classes: int) -> RSISNet:
+    """An untrained RSIS network; ``num_classes`` excludes the background."""
+    return RSISNet(params, num_classes)
+
+
+class RSISAdapter(ClusterAdapter):
+    """Instances from RSIS, one per decoder step (at most ``max_steps`` per image). ``mask_probs``
+    samples the step's mask probabilities (zero where earlier steps took the pixel) into the box
+    frame; the score threshold drops instances after decoding."""
+
+    params_cls = RSISParams
+    build_network = staticmethod(build_network)
+
+
+@register("rsis")
+def build(card: ModelCard) -> RSISAdapter:
+    return RSISAdapter.from_card(card)

@@ -1,0 +1,198 @@
+"""RSIS: Hungarian matching, the set loss, the stop rule, tiny networks and the adapter contract."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from segpipe.config import RSISParams
+from segpipe.modeling import rsis
+from segpipe.modeling.zoo import load_adapter, save_weights
+
+from conftest import TINY_RSIS_PARAMS as TINY, assert_training_reduces_loss, check_loss_backward, check_nonoverlapping_output
+INST = {"classify": "instances", "class_crop": 8, "class_channels": [4]}
+
+
+# --- matching and the set loss -------------------------------------------------------------
+
+
+def test_hungarian_match_finds_the_optimum_where_greedy_fails():
+    cost = np.array([[4.0, 1.0, 3.0],
+                     [2.0, 0.0, 5.0],
+                     [3.0, 2.0, 2.0]])
+    # Greedy takes (1, 1) = 0 first and ends at 0 + 3 + 3 = 6; the optimum is 1 + 2 + 2 = 5.
+    rows, cols = rsis.hungarian_match(cost)
+    assert rows.tolist() == [0, 1, 2] and cols.tolist() == [1, 0, 2]
+    assert cost[rows, cols].sum() == 5.0
+
+
+def test_hungarian_match_rectangular_uses_every_prediction_once():
+    cost = np.array([[0.9, 0.1, 0.8],
+                     [0.2, 0.3, 0.05]])  # 2 predictions, 3 instances
+    rows, cols = rsis.hungarian_match(cost)
+    assert rows.tolist() == [0, 1] and cols.tolist() == [1, 2]
+
+
+def test_soft_iou_known_values():
+    probs = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.5, 0.5, 0.5, 0.5]])
+    masks = torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]])
+    iou = rsis.soft_iou(probs, masks)
+    torch.testing.assert_close(iou, torch.tensor([[1.0, 0.0], [1.0 / 3.0, 1.0 / 3.0]]))
+
+
+def _scene():
+    masks = torch.zeros((3, 8, 8), dtype=torch.bool)
+    masks[0, :3, :3] = True
+    masks[1, 5:, 5:] = True
+    masks[2, :2, 5:] = True
+    return masks, torch.tensor([2, 1, 2])
+
+
+def test_rsis_loss_is_zero_for_a_perfect_permuted_sequence():
+    masks, labels = _scene()
+    order = [2, 0, 1]  # the net emits the instances in another order: matching must not care
+    logits = torch.full((4, 8, 8), -30.0)
+    for t, k in enumerate(order):
+        logits[t][masks[k]] = 30.0
+    classes = torch.full((4, 2), -30.0)
+    for t, k in enumerate(order):
+        classes[t, int(labels[k]) - 1] = 30.0
+    stop = torch.tensor([-30.0, -30.0, -30.0, 30.0])  # three objects, then stop
+    out = rsis.rsis_loss(logits, classes, stop, masks, labels)
+    assert float(out["mask"]) < 1e-6 and float(out["class"]) < 1e-6 and float(out["stop"]) < 1e-6
+
+
+def test_rsis_loss_penalises_a_missing_instance_a_wrong_class_and_a_late_stop():
+    masks, labels = _scene()
+    logits = torch.full((4, 8, 8), -30.0)
+    logits[0][masks[0]] = 30.0
+    logits[1][masks[1]] = 30.0  # instance 2 is never drawn
+    classes = torch.zeros((4, 2))
+    classes[:, 0] = 30.0  # always class 1: wrong for instances 0 and 2
+    stop = torch.full((4,), -30.0)  # never stops
+    out = rsis.rsis_loss(logits, classes, stop, masks, labels)
+    assert float(out["mask"]) == pytest.approx(1.0 / 3.0, abs=1e-4)  # one of three matched pairs has IoU 0
+    assert float(out["class"]) == pytest.approx(2.0 / 3.0 * 30.0, rel=1e-3)  # two wrong by a 30-logit margin
+    assert float(out["stop"]) == pytest.approx(30.0 / 4.0, rel=1e-3)  # the last step should have said stop
+
+
+def test_rsis_loss_without_instances_only_asks_to_stop():
+    out = rsis.rsis_loss(torch.zeros((1, 4, 4), requires_grad=True), None, torch.tensor([0.0]),
+                         torch.zeros((0, 4, 4), dtype=torch.bool), torch.zeros(0, dtype=torch.int64))
+    assert out["mask"].requires_grad
+    out = {k: v.detach() for k, v in out.items()}
+    assert float(out["mask"]) == 0.0 and float(out["class"]) == 0.0
+    assert float(out["stop"]) == pytest.approx(np.log(2.0), abs=1e-6)
+
+
+# --- the stop rule -------------------------------------------------------------------------------
+
+
+def test_stop_targets_and_the_stop_rule():
+    assert rsis.stop_targets(5, 2).tolist() == [0.0, 0.0, 1.0, 1.0, 1.0]
+    assert rsis.stop_targets(3, 7).tolist() == [0.0, 0.0, 0.0]  # past the bound: never told to stop
+    assert rsis.steps_before_stop([0.1, 0.4, 0.5, 0.2], 0.5) == 2  # reaching the threshold stops
+    assert rsis.steps_before_stop([0.1, 0.4], 0.5) == 2  # never stopped: every step counts
+    assert rsis.steps_before_stop([0.9], 0.5) == 0
+
+
+def _tiny(extra=None, num_classes=2, seed=0):
+    torch.manual_seed(seed)
+    return rsis.build_network(params=RSISParams.model_validate(TINY | (extra or {})), num_classes=num_classes)
+
+
+def _count_steps(net, images) -> int:
+    calls = []
+    hook = net.stop_head.register_forward_hook(lambda *a: calls.append(1))
+    net.eval()
+    out = net(images)
+    hook.remove()
+    return len(calls), out
+
+
+@pytest.mark.parametrize("stop_bias, steps", [(20.0, 1), (-20.0, 6)])
+def test_inference_stops_on_the_stop_score_or_at_the_bound(stop_bias, steps):
+    net = _tiny()
+    with torch.no_grad():
+        net.stop_head.bias.fill_(stop_bias)
+        net.stop_head.weight.zero_()
+    n, out = _count_steps(net, [torch.rand(3, 24, 40)])
+    assert n == steps
+    if stop_bias > 0:
+        assert out == [[]]
+    assert len(out[0]) <= net.params.max_steps
+
+
+def test_inference_drops_repeats_and_never_overlaps():
+    net = _tiny()
+    with torch.no_grad():
+        net.stop_head.bias.fill_(-20.0)
+        net.stop_head.weight.zero_()
+        net.refine[-1].bias.fill_(20.0)  # every step paints the whole image
+        net.refine[-1].weight.zero_()
+    _, out = _count_steps(net, [torch.rand(3, 24, 40)])
+    assert len(out[0]) == 1 and len(out[0][0].ys) == 24 * 40  # steps 2.. repeat step 1 and are dropped
+
+
+# --- tiny networks --------------------------------------------------------------------------------
+
+
+def _targets():
+    rng = np.random.default_rng(1)
+    masks, labels = _scene()
+    big = torch.zeros((3, 32, 40), dtype=torch.uint8)
+    big[:, :8, :8] = masks.to(torch.uint8)
+    big[1, 20:30, 25:38] = 1
+    images = [torch.from_numpy(rng.uniform(size=(3, 32, 40)).astype(np.float32)) for _ in range(2)]
+    empty = {"masks": torch.zeros((0, 32, 40), dtype=torch.uint8), "labels": torch.zeros(0, dtype=torch.int64)}
+    return images, [{"masks": big, "labels": labels}, empty]
+
+
+@pytest.mark.parametrize("extra, keys", [(None, {"loss_mask", "loss_stop", "loss_step_class"}),
+                                         (INST, {"loss_mask", "loss_stop", "loss_class"}),
+                                         ({"feed_canvas": False}, {"loss_mask", "loss_stop", "loss_step_class"})])
+def test_tiny_rsis_forward_backward(extra, keys):
+    net = _tiny(extra).train()
+    images, targets = _targets()
+    assert any(g is not None for g in check_loss_backward(net, images, targets, keys))
+    assert net.stop_head.weight.grad.abs().sum() > 0 and net.refine[-1].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="targets"):
+        net(images)
+
+
+def test_a_few_rsis_steps_reduce_the_loss():
+    assert_training_reduces_loss(_tiny().train(), *_targets())
+
+
+def test_single_class_rsis_has_no_class_head():
+    net = _tiny(num_classes=1)
+    assert net.class_head is None and net.classifier is None
+    assert _tiny(INST, num_classes=1).classifier is None
+
+
+def test_params_reject_more_lstm_levels_than_encoder_levels():
+    with pytest.raises(ValueError, match="lstm_channels"):
+        RSISParams(channels=[8, 16], lstm_channels=[16, 8, 4])
+
+
+@pytest.mark.parametrize("extra", [None, INST])
+def test_rsis_adapter_contract(tmp_path, extra):
+    from segpipe.train.methods import METHODS
+
+    spec = METHODS["rsis"]
+    cats = [{"id": 3, "name": "a"}, {"id": 7, "name": "b"}]
+    p = RSISParams.model_validate(TINY | (extra or {}))
+    net = _tiny(extra)
+    with torch.no_grad():  # untrained weights would stop at once; make every step draw something
+        net.stop_head.bias.fill_(-20.0)
+    digest = save_weights(net, tmp_path / "weights.safetensors")
+    card = {"name": "tiny-rsis", "family": spec.family, "paper": "rsis (test fixture)", "builder": "rsis",
+            "params": p.model_dump(mode="json"), "categories": cats,
+            "weights": {"file": "weights.safetensors", "sha256": digest, "format": "safetensors", "dtype": "float16"}}
+    (tmp_path / "card.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
+    adapter, _ = load_adapter(str(tmp_path / "card.yaml"))
+    adapter.network.params = adapter.network.params.model_copy(update={"mask_thresh": 0.3})
+    out = check_nonoverlapping_output(adapter, {3, 7}, min_area=p.min_pixels)
+    assert all(len(inst) <= p.max_steps for inst in out)
