@@ -73,6 +73,29 @@ class PipelineConfig(Strict):
     max_error_rate: float = Field(1.0, ge=0, le=1, description="fail the run above this fraction of errored images")
 
 
+class EnsembleConfig(Strict):
+    """Mask-level fusion of several models' instances (segpipe.ensemble.fuse)."""
+
+    method: Literal["soft", "vote", "best"] = Field(
+        "soft", description="soft: score x weight average of the members' soft masks, thresholded at mask_thresh; vote: a "
+        "pixel is kept when the weights of the members covering it reach quorum x the weight of all models; best: the "
+        "member with the largest weight x score")
+    iou_thresh: float = Field(0.5, gt=0, le=1, description="mask IoU at which an instance joins a group")
+    class_agnostic: bool = Field(False, description="match across classes (the group's class is then a weighted vote)")
+    weights: dict[str, float] = Field(default_factory=dict, description="per-model weight by card name (default 1)")
+    min_votes: int = Field(1, ge=1, description="drop groups with fewer members (models)")
+    mask_thresh: float = Field(0.5, gt=0, lt=1, description="soft: averaged probability that keeps a pixel")
+    quorum: float = Field(0.5, gt=0, le=1, description="vote: fraction of the total model weight a pixel needs")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: w for k, w in v.items() if not w > 0}
+        if bad:
+            raise ValueError(f"weights must be > 0, got {bad}")
+        return v
+
+
 class EvalConfig(Strict):
     gt: str | None = Field(None, description="COCO ground truth json to score the run against")
     max_dets: int = Field(100, ge=1)

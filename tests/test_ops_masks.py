@@ -416,3 +416,22 @@ def test_area_of_more_than_255_masks():
     masks[300, 0, 0] = 1
     a = mask_ops.area(mask_ops.encode(masks))
     assert a.shape == (600,) and a[0] == 6 and a[300] == 7 and a[-1] == 0
+
+
+def test_decode_region_matches_a_full_decode_on_random_masks_and_windows():
+    rng = np.random.default_rng(0)
+    for t in range(200):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        m = rng.random((1, h, w)) < rng.random()
+        if t % 3 == 0:  # a block touching the bottom edge: runs wrap across columns
+            m[:] = False
+            m[0, rng.integers(0, h):, : rng.integers(0, w) + 1] = True
+        rle = mask_ops.encode(m)[0]
+        assert mask_ops.counts_of(rle).sum() == h * w
+        x0, y0 = int(rng.integers(-3, w)), int(rng.integers(-3, h))
+        x1, y1 = x0 + int(rng.integers(0, w + 3)), y0 + int(rng.integers(0, h + 3))
+        padded = np.zeros((h + 2 * 40, w + 2 * 40), bool)  # the window may leave the image: zeros there
+        padded[40 : 40 + h, 40 : 40 + w] = m[0]
+        want = padded[y0 + 40 : y1 + 40, x0 + 40 : x1 + 40]
+        got = mask_ops.decode_region(rle, (x0, y0, x1, y1))
+        assert got.dtype == bool and np.array_equal(got, want), (t, h, w, x0, y0, x1, y1)

@@ -86,6 +86,47 @@ def _from_runs(starts: np.ndarray, ends: np.ndarray, height: int, width: int) ->
     return _as_str(rle)
 
 
+def counts_of(rle: RLE) -> np.ndarray:
+    """The uncompressed run lengths of a compressed RLE (alternating 0-runs and 1-runs,
+    column-major, starting with zeros) -> int64 [K]. Parses the COCO string format: 6-bit
+    characters (offset 48) carrying 5 value bits and a continuation bit, sign-extended, and
+    from the third count on stored as a difference to the count two places back."""
+    s = rle["counts"].encode("ascii") if isinstance(rle["counts"], str) else rle["counts"]
+    out: list[int] = []
+    p = 0
+    while p < len(s):
+        x, k, more = 0, 0, True
+        while more:
+            c = s[p] - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and (c & 0x10):
+                x |= -1 << (5 * k)
+        if len(out) > 2:
+            x += out[-2]
+        out.append(x)
+    return np.asarray(out, np.int64)
+
+
+def decode_region(rle: RLE, region_xyxy: Sequence[int]) -> np.ndarray:
+    """The part of an RLE mask inside an integer pixel window (x0, y0, x1, y1; clipped to the
+    image) -> bool [y1 - y0, x1 - x0]. Cost O(runs + window), never O(H*W)."""
+    h = int(rle["size"][0])
+    x0, y0, x1, y1 = (int(v) for v in region_xyxy)
+    out = np.zeros((max(y1 - y0, 0), max(x1 - x0, 0)), bool)
+    bounds = np.cumsum(np.r_[0, counts_of(rle)])
+    starts, ends = bounds[1:-1:2], bounds[2::2]  # 1-runs [start, end) in column-major order
+    for s0, e0 in zip(starts.tolist(), ends.tolist()):
+        c_first, c_last = max(s0 // h, x0), min((e0 - 1) // h, x1 - 1)
+        for c in range(c_first, c_last + 1):  # a run crosses columns only where it wraps the image height
+            r0, r1 = max(s0 - c * h, 0, y0), min(e0 - c * h, h, y1)
+            if r1 > r0:
+                out[r0 - y0 : r1 - y0, c - x0] = True
+    return out  # pixels of the window outside the image stay False
+
+
 def area(rles: Sequence[RLE]) -> np.ndarray:
     """N RLEs -> [N] pixel counts (int64)."""
     if len(rles) == 0:

@@ -1,0 +1,1 @@
+"""Ensembling several models' instances: ``fuse`` (pure per-image fusion)."""

@@ -1,0 +1,199 @@
+"""Mask-level fusion of several models' instances on one image: pure functions, no Ray.
+
+Matching: every instance of every model, in order of decreasing weight x score, joins the
+group whose first (strongest) member it overlaps most, by mask IoU on the RLEs, if that IoU
+reaches ``iou_thresh``, the group has the same class (unless ``class_agnostic``) and holds no
+instance of the same model yet; otherwise it starts a group. Greedy and deterministic.
+
+Fusion of a group inside the union of its members' boxes (``EnsembleConfig.method``):
+``soft`` averages the members' box-frame soft masks weighted by weight x score and keeps
+pixels at or above ``mask_thresh``; ``vote`` keeps a pixel when the weights of the members
+covering it reach ``quorum`` x the weight of all the ensemble's models (absent models vote no);
+``best`` keeps the strongest member's mask.
+
+Each fused instance: score = sum(weight x score over members) / total weight of all models (a
+model that found nothing counts as 0); members (model, version, score, IoU to the fused mask);
+n_votes = members; agreement = mean pairwise mask IoU of the members (None for one);
+confidence = score x agreement (x 1 for one member); the box-frame soft mask is the fused
+probability map sampled into the fused box.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from itertools import combinations
+from typing import Sequence
+
+import numpy as np
+
+from segpipe.config import EnsembleConfig
+from segpipe.ops import masks as mask_ops
+from segpipe.structures import SOFT_MASK_SIZE, Instances
+
+
+@dataclass(frozen=True)
+class ModelOutput:
+    """One model's instances on the image: ``name`` (card name, the key of
+    ``EnsembleConfig.weights``) and ``version`` (name@digest, for provenance)."""
+
+    name: str
+    version: str
+    instances: Instances
+
+
+@dataclass(frozen=True)
+class Member:
+    model: str
+    model_version: str
+    score: float
+    iou: float  # mask IoU with the fused mask
+
+
+@dataclass
+class Fused:
+    """The fused instances of one image (sorted by score, descending) and, per instance, its
+    members, votes, agreement and confidence."""
+
+    instances: Instances
+    members: list[list[Member]] = field(default_factory=list)
+    n_votes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    agreement: list[float | None] = field(default_factory=list)
+    confidence: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+
+
+def match_groups(outputs: Sequence[ModelOutput], cfg: EnsembleConfig) -> list[list[tuple[int, int]]]:
+    """Greedy cross-model matching -> groups of (model index, instance index), each group's
+    first entry its strongest member; groups in order of creation (strongest first)."""
+    weights = [cfg.weights.get(o.name, 1.0) for o in outputs]
+    order = sorted(((-weights[m] * float(o.instances.scores[i]), m, i) for m, o in enumerate(outputs)
+                    for i in range(len(o.instances))))
+    # Pairwise mask IoU between every two models' instances (pycocotools skips pairs whose boxes miss).
+    iou = {(a, b): mask_ops.iou(outputs[a].instances.masks, outputs[b].instances.masks)
+           for a in range(len(outputs)) for b in range(len(outputs)) if a != b}
+    groups: list[list[tuple[int, int]]] = []
+    for _, m, i in order:
+        label = int(outputs[m].instances.labels[i])
+        best, best_iou = None, cfg.iou_thresh
+        for g, members in enumerate(groups):
+            am, ai = members[0]
+            if any(mm == m for mm, _ in members):
+                continue
+            if not cfg.class_agnostic and int(outputs[am].instances.labels[ai]) != label:
+                continue
+            v = float(iou[(m, am)][i, ai])
+            if v >= best_iou:
+                best, best_iou = g, v
+        if best is None:
+            groups.append([(m, i)])
+        else:
+            groups[best].append((m, i))
+    return groups
+
+
+def fuse_image(outputs: Sequence[ModelOutput], cfg: EnsembleConfig) -> Fused:
+    """Fuse the models' instances on one image (all ``outputs`` share its height and width)."""
+    if not outputs:
+        raise ValueError("fuse_image needs at least one model's output")
+    h, w = outputs[0].instances.height, outputs[0].instances.width
+    if any((o.instances.height, o.instances.width) != (h, w) for o in outputs):
+        raise ValueError("all models' instances must be of the same image size")
+    weights = [cfg.weights.get(o.name, 1.0) for o in outputs]
+    total = float(sum(weights))
+    rows = []
+    for group in match_groups(outputs, cfg):
+        if len(group) < cfg.min_votes:
+            continue
+        row = _fuse_group(outputs, weights, total, group, cfg, h, w)
+        if row is not None:
+            rows.append(row)
+    rows.sort(key=lambda r: -r["score"])
+    n = len(rows)
+    inst = Instances(
+        height=h,
+        width=w,
+        boxes=np.asarray([r["box"] for r in rows], np.float32).reshape(n, 4),
+        scores=np.asarray([r["score"] for r in rows], np.float32),
+        labels=np.asarray([r["label"] for r in rows], np.int64),
+        masks=[r["rle"] for r in rows],
+        mask_probs=np.asarray([r["probs"] for r in rows], np.float16).reshape(n, SOFT_MASK_SIZE, SOFT_MASK_SIZE),
+    )
+    return Fused(instances=inst, members=[r["members"] for r in rows],
+                 n_votes=np.asarray([len(r["members"]) for r in rows], np.int32),
+                 agreement=[r["agreement"] for r in rows],
+                 confidence=np.asarray([r["confidence"] for r in rows], np.float32))
+
+
+def region_of(boxes: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
+    """Integer pixel window (x0, y0, x1, y1) covering xyxy ``boxes`` [K, 4], clipped to the image."""
+    x0, y0 = np.floor(boxes[:, :2].min(0)).astype(int)
+    x1, y1 = np.ceil(boxes[:, 2:].max(0)).astype(int)
+    return max(int(x0), 0), max(int(y0), 0), min(int(x1), width), min(int(y1), height)
+
+
+def member_probs(inst: Instances, i: int, region: tuple[int, int, int, int]) -> np.ndarray:
+    """Instance ``i``'s probability map over ``region`` -> float32 [rh, rw]: its box-frame soft
+    mask resampled to the pixels inside its box (0 outside), or its binary mask without one."""
+    if inst.mask_probs is None:
+        return mask_ops.decode_region(inst.masks[i], region).astype(np.float32)
+    x0, y0, x1, y1 = region
+    probs = mask_ops.resample_box_frame(inst.mask_probs[i].astype(np.float32), inst.boxes[i], region)
+    bx0, by0, bx1, by1 = (float(v) for v in inst.boxes[i])
+    xs, ys = np.arange(x0, x1) + 0.5, np.arange(y0, y1) + 0.5
+    inside = ((ys >= by0) & (ys < by1))[:, None] & ((xs >= bx0) & (xs < bx1))[None, :]
+    return np.where(inside, probs, 0.0).astype(np.float32)
+
+
+def _binary_iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = int(np.count_nonzero(a | b))
+    return float(np.count_nonzero(a & b)) / union if union else 0.0
+
+
+def _fuse_group(outputs, weights, total, group, cfg: EnsembleConfig, h: int, w: int) -> dict | None:
+    insts = [outputs[m].instances for m, _ in group]
+    idx = [i for _, i in group]
+    strength = np.asarray([weights[m] * float(outputs[m].instances.scores[i]) for m, i in group], np.float64)
+    region = region_of(np.stack([ins.boxes[i] for ins, i in zip(insts, idx)]), h, w)
+    x0, y0, x1, y1 = region
+    if x1 <= x0 or y1 <= y0:
+        return None
+    binary = [mask_ops.decode_region(ins.masks[i], region) for ins, i in zip(insts, idx)]
+    if cfg.method == "soft":
+        probs = [member_probs(ins, i, region) for ins, i in zip(insts, idx)]
+        denom = strength.sum()
+        fused_p = sum(s * p for s, p in zip(strength, probs)) / denom if denom > 0 else np.mean(probs, 0)
+        keep = fused_p >= cfg.mask_thresh
+    elif cfg.method == "vote":
+        mw = np.asarray([weights[m] for m, _ in group], np.float64)
+        votes = sum(wk * b.astype(np.float64) for wk, b in zip(mw, binary))
+        keep = votes >= cfg.quorum * total - 1e-9
+        fused_p = votes / mw.sum()
+    else:  # best
+        k = int(np.argmax(strength))
+        keep = binary[k]
+        fused_p = member_probs(insts[k], idx[k], region)
+    if not keep.any():
+        return None
+    ys, xs = np.nonzero(keep)
+    box = (x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1)
+    local_box = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
+    members = [Member(model=outputs[m].name, model_version=outputs[m].version, score=float(outputs[m].instances.scores[i]),
+                      iou=_binary_iou(b, keep)) for (m, i), b in zip(group, binary)]
+    agreement = float(np.mean([_binary_iou(a, b) for a, b in combinations(binary, 2)])) if len(group) > 1 else None
+    score = float(strength.sum() / total)
+    if cfg.class_agnostic:
+        votes_by_label: dict[int, float] = {}
+        for ins, i, s in zip(insts, idx, strength):
+            votes_by_label[int(ins.labels[i])] = votes_by_label.get(int(ins.labels[i]), 0.0) + float(s)
+        label = max(sorted(votes_by_label), key=lambda c: votes_by_label[c])
+    else:
+        label = int(insts[0].labels[idx[0]])
+    return {
+        "box": box,
+        "score": score,
+        "label": label,
+        "rle": mask_ops.encode_local(keep, x0, y0, h, w),
+        "probs": mask_ops.crop_to_box_frame(fused_p.astype(np.float32), local_box, SOFT_MASK_SIZE),
+        "members": members,
+        "agreement": agreement,
+        "confidence": score * (agreement if agreement is not None else 1.0),
+    }

@@ -1,0 +1,140 @@
+"""Mask fusion on tiny golden masks (segpipe.ensemble.fuse)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from segpipe.config import EnsembleConfig
+from segpipe.ensemble.fuse import ModelOutput, fuse_image, match_groups
+from segpipe.ops import masks as mask_ops
+from segpipe.structures import SOFT_MASK_SIZE, Instances
+
+H, W = 64, 80
+
+
+def _instances(masks: list[np.ndarray], scores: list[float], labels: list[int] | None = None, soft: bool = True) -> Instances:
+    """Instances from dense bool masks [H, W]: tight boxes, soft masks sampled from the binary ones."""
+    n = len(masks)
+    boxes = np.zeros((n, 4), np.float32)
+    for k, m in enumerate(masks):
+        ys, xs = np.nonzero(m)
+        boxes[k] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    probs = np.stack([mask_ops.crop_to_box_frame(m.astype(np.float32), b, SOFT_MASK_SIZE) for m, b in zip(masks, boxes)]) \
+        if n else np.zeros((0, SOFT_MASK_SIZE, SOFT_MASK_SIZE), np.float32)
+    return Instances(height=H, width=W, boxes=boxes, scores=np.asarray(scores, np.float32),
+                     labels=np.asarray(labels or [1] * n, np.int64),
+                     masks=mask_ops.encode(np.stack(masks)) if n else [],
+                     mask_probs=probs.astype(np.float16) if soft else None)
+
+
+def _out(name: str, masks, scores, labels=None, soft=True) -> ModelOutput:
+    return ModelOutput(name=name, version=f"{name}@0123456789ab", instances=_instances(masks, scores, labels, soft))
+
+
+def _rect(x0, y0, x1, y1) -> np.ndarray:
+    m = np.zeros((H, W), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+SQUARE = _rect(10, 8, 38, 36)  # 28 x 28 pixels: the box frame maps 1:1 onto pixels
+FAR = _rect(50, 40, 70, 60)
+
+
+def _dense(fused, k=0) -> np.ndarray:
+    return mask_ops.decode([fused.instances.masks[k]])[0].astype(bool)
+
+
+@pytest.mark.parametrize("method", ["soft", "vote", "best"])
+def test_identical_members_fuse_to_themselves(method):
+    outs = [_out("a", [SQUARE], [0.9]), _out("b", [SQUARE], [0.7])]
+    fused = fuse_image(outs, EnsembleConfig(method=method))
+    assert len(fused.instances) == 1
+    assert np.array_equal(_dense(fused), SQUARE)
+    np.testing.assert_array_equal(fused.instances.boxes[0], [10, 8, 38, 36])
+    assert fused.n_votes.tolist() == [2] and fused.agreement == [1.0]
+    assert [(m.model, m.model_version, m.iou) for m in fused.members[0]] == [("a", "a@0123456789ab", 1.0), ("b", "b@0123456789ab", 1.0)]
+    assert fused.instances.scores[0] == pytest.approx((0.9 + 0.7) / 2)
+    assert fused.confidence[0] == pytest.approx((0.9 + 0.7) / 2)
+    assert fused.instances.mask_probs.shape == (1, SOFT_MASK_SIZE, SOFT_MASK_SIZE)
+    assert float(fused.instances.mask_probs[0].min()) > 0.99  # the whole box is the object
+
+
+def test_a_disjoint_member_stays_separate_and_min_votes_drops_it():
+    outs = [_out("a", [SQUARE], [0.9]), _out("b", [SQUARE, FAR], [0.8, 0.6])]
+    fused = fuse_image(outs, EnsembleConfig())
+    assert len(fused.instances) == 2
+    assert fused.n_votes.tolist() == [2, 1] and fused.agreement == [1.0, None]
+    assert np.array_equal(_dense(fused, 1), FAR)
+    assert fused.instances.scores[1] == pytest.approx(0.6 / 2)  # model a found nothing there: counts as 0
+    only = fuse_image(outs, EnsembleConfig(min_votes=2))
+    assert len(only.instances) == 1 and np.array_equal(_dense(only), SQUARE)
+
+
+def test_quorum_voting_drops_single_model_instances():
+    outs = [_out("a", [SQUARE, FAR], [0.9, 0.9]), _out("b", [SQUARE], [0.9]), _out("c", [_rect(12, 8, 38, 36)], [0.9])]
+    fused = fuse_image(outs, EnsembleConfig(method="vote", quorum=0.5))
+    assert len(fused.instances) == 1  # FAR: 1 of 3 models < quorum
+    assert np.array_equal(_dense(fused), SQUARE)  # columns 10-11: 2 of 3 votes, kept
+    strict = fuse_image(outs, EnsembleConfig(method="vote", quorum=1.0))
+    assert np.array_equal(_dense(strict), _rect(12, 8, 38, 36))  # only pixels all three agree on
+
+
+def test_weights_change_the_soft_fusion_as_specified():
+    big, small = _rect(10, 8, 38, 36), _rect(10, 8, 30, 36)  # IoU 20/28 = 0.71: one group
+    outs = [_out("a", [big], [0.8]), _out("b", [small], [0.8])]
+    # Columns 30..37 are covered by a only: fused probability = w_a s_a / (w_a s_a + w_b s_b).
+    heavy_a = fuse_image(outs, EnsembleConfig(weights={"a": 3.0}))  # 0.75 >= 0.5: kept
+    heavy_b = fuse_image(outs, EnsembleConfig(weights={"b": 3.0}))  # 0.25 < 0.5: dropped
+    assert np.array_equal(_dense(heavy_a), big) and np.array_equal(_dense(heavy_b), small)
+    assert heavy_a.instances.scores[0] == pytest.approx((3 * 0.8 + 0.8) / 4)
+    # best: the largest weight x score wins, whatever the order of the models.
+    assert np.array_equal(_dense(fuse_image(outs, EnsembleConfig(method="best", weights={"b": 2.0}))), small)
+    assert np.array_equal(_dense(fuse_image(outs, EnsembleConfig(method="best"))), big)  # tie: the first model
+    # vote with weights: a alone carries 3 / 4 of the weight, above the quorum.
+    assert np.array_equal(_dense(fuse_image(outs, EnsembleConfig(method="vote", weights={"a": 3.0}))), big)
+    assert np.array_equal(_dense(fuse_image(outs, EnsembleConfig(method="vote", weights={"b": 3.0}))), small)
+
+
+def test_matching_is_class_aware_by_default():
+    outs = [_out("a", [SQUARE], [0.9], labels=[1]), _out("b", [SQUARE], [0.5], labels=[2]), _out("c", [SQUARE], [0.5], labels=[2])]
+    aware = fuse_image(outs, EnsembleConfig())
+    assert sorted(aware.instances.labels.tolist()) == [1, 2] and sorted(aware.n_votes.tolist()) == [1, 2]
+    agnostic = fuse_image(outs, EnsembleConfig(class_agnostic=True))
+    assert len(agnostic.instances) == 1 and agnostic.n_votes.tolist() == [3]
+    assert agnostic.instances.labels.tolist() == [2]  # 0.5 + 0.5 outvotes 0.9
+
+
+def test_matching_never_puts_two_instances_of_one_model_in_a_group():
+    twin = _rect(10, 8, 37, 36)
+    outs = [_out("a", [SQUARE, twin], [0.9, 0.8]), _out("b", [SQUARE], [0.7])]
+    groups = match_groups(outs, EnsembleConfig())
+    assert sorted(map(sorted, groups)) == [[(0, 0), (1, 0)], [(0, 1)]]
+
+
+def test_iou_below_the_threshold_does_not_match_and_agreement_is_mean_pairwise_iou():
+    a, b = _rect(10, 8, 38, 36), _rect(24, 8, 52, 36)  # IoU 14/42 = 1/3
+    outs = [_out("a", [a], [0.9]), _out("b", [b], [0.9])]
+    assert len(fuse_image(outs, EnsembleConfig(iou_thresh=0.5)).instances) == 2
+    fused = fuse_image(outs, EnsembleConfig(iou_thresh=0.3, method="vote", quorum=0.5))
+    assert len(fused.instances) == 1 and fused.agreement[0] == pytest.approx(1 / 3)
+    assert np.array_equal(_dense(fused), a | b)
+    assert fused.confidence[0] == pytest.approx(0.9 / 3)
+
+
+def test_members_without_soft_masks_use_their_binary_masks():
+    outs = [_out("a", [SQUARE], [0.9], soft=False), _out("b", [SQUARE], [0.9])]
+    fused = fuse_image(outs, EnsembleConfig())
+    assert np.array_equal(_dense(fused), SQUARE)
+
+
+def test_a_model_without_instances_and_bad_inputs():
+    outs = [_out("a", [SQUARE], [0.8]), _out("b", [], [])]
+    fused = fuse_image(outs, EnsembleConfig())
+    assert len(fused.instances) == 1 and fused.instances.scores[0] == pytest.approx(0.4)
+    assert len(fuse_image([_out("b", [], [])], EnsembleConfig()).instances) == 0
+    with pytest.raises(ValueError, match="at least one"):
+        fuse_image([], EnsembleConfig())
+    with pytest.raises(ValueError, match="weights"):
+        EnsembleConfig(weights={"a": 0.0})
