@@ -212,6 +212,53 @@ def demo_cmd(
     _execute(cfg, run_id)
 
 
+@app.command("ensemble")
+def ensemble_cmd(
+    run_dir: Annotated[str, typer.Argument(help="a finished run's output folder (or URI)")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="ensemble.<field>=value or output.<min_score|"
+                                                      "min_confidence|min_votes|coco>=value (repeatable)")] = None,
+    out: Annotated[Optional[str], typer.Option(help="new output folder (default RUN_DIR/ensembles/<id>)")] = None,
+    gt: Annotated[Optional[Path], typer.Option(help="COCO ground truth json: score the fused result")] = None,
+    max_dets: Annotated[int, typer.Option(help="pycocotools maxDets with --gt")] = 100,
+) -> None:
+    """Re-fuse a run's raw per-model predictions under new ensemble settings; no model runs.
+
+    Starts from the run's own ensemble settings (or the defaults). Example:
+    segpipe ensemble runs/x --set ensemble.method=vote --set ensemble.quorum=0.6 --gt val.json
+    """
+    from pydantic import ValidationError
+
+    from segpipe.config import apply_overrides
+    from segpipe.ensemble.refuse import RefuseConfig, read_manifest, refuse_run
+    from segpipe.pipeline.run import new_run_id
+
+    try:
+        manifest = read_manifest(run_dir)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    wf = manifest["workflow"]["config"]
+    run_id = new_run_id()
+    out = out or f"{run_dir.rstrip('/')}/ensembles/{run_id}"
+    filters = {k: wf["output"][k] for k in ("min_score", "min_confidence", "min_votes", "coco") if k in wf["output"]}
+    data = {"ensemble": wf.get("ensemble") or {}, "output": filters | {"uri": out}}
+    try:
+        bad = [o for o in set_ or [] if not o.split("=", 1)[0].startswith(("ensemble.", "output."))]
+        if bad:
+            raise ValueError(f"--set {bad[0]!r}: only ensemble.* and output.* fields can be changed here")
+        apply_overrides(data, set_ or [])
+        rc = RefuseConfig.model_validate(data)
+    except (ValidationError, ValueError) as e:
+        _fail(_config_error(e))
+    new = refuse_run(run_dir, out, rc.ensemble, rc.output, run_id=run_id, progress=lambda m: typer.echo(m))
+    c = new["counts"]
+    typer.echo(f"ensemble {run_id}: {c.get('ok', 0)} images, {c.get('instances', 0)} instances -> {out} "
+               f"({new['timings_ms']['ensemble']:.0f} ms fusing)")
+    if gt is not None:
+        from segpipe.evaluation import evaluate_output, format_table
+
+        typer.echo(format_table(evaluate_output(out, gt, max_dets=max_dets)))
+
+
 # --- eval ------------------------------------------------------------------------------------
 
 

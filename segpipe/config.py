@@ -39,6 +39,29 @@ class DecodeConfig(Strict):
     max_bytes: int = Field(512 * 1024 * 1024, ge=1, description="refuse larger files")
 
 
+class EnsembleConfig(Strict):
+    """Mask-level fusion of several models' instances (segpipe.ensemble.fuse)."""
+
+    method: Literal["soft", "vote", "best"] = Field(
+        "soft", description="soft: score x weight average of the members' soft masks, thresholded at mask_thresh; vote: a "
+        "pixel is kept when the weights of the members covering it reach quorum x the weight of all models; best: the "
+        "member with the largest weight x score")
+    iou_thresh: float = Field(0.5, gt=0, le=1, description="mask IoU at which an instance joins a group")
+    class_agnostic: bool = Field(False, description="match across classes (the group's class is then a weighted vote)")
+    weights: dict[str, float] = Field(default_factory=dict, description="per-model weight by card name (default 1)")
+    min_votes: int = Field(1, ge=1, description="drop groups with fewer members (models)")
+    mask_thresh: float = Field(0.5, gt=0, lt=1, description="soft: averaged probability that keeps a pixel")
+    quorum: float = Field(0.5, gt=0, le=1, description="vote: fraction of the total model weight a pixel needs")
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
+        bad = {k: w for k, w in v.items() if not w > 0}
+        if bad:
+            raise ValueError(f"weights must be > 0, got {bad}")
+        return v
+
+
 class ModelStageConfig(Strict):
     """One model stage: a zoo card and the actor pool that hosts it."""
 
@@ -63,6 +86,9 @@ class OutputConfig(Strict):
                                                   "export; default the first model. Every model's go to predictions/")
     coco: bool = True
     min_score: float = Field(0.0, ge=0, le=1, description="drop instances scoring lower from the outputs")
+    min_confidence: float = Field(0.0, ge=0, le=1, description="instances/: drop rows of lower confidence (ensemble: "
+                                  "score x agreement; one model: its score), e.g. to keep only sure pseudo-labels")
+    min_votes: int = Field(1, ge=1, description="instances/: drop ensemble rows found by fewer models")
 
 
 class PipelineConfig(Strict):
@@ -70,30 +96,8 @@ class PipelineConfig(Strict):
     read_batch_size: int = Field(8, ge=1)
     ray_address: str | None = Field(None, description="None starts an embedded local Ray")
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs for an embedded Ray (default: all)")
+    ensemble_num_cpus: float = Field(0.25, gt=0, description="CPUs per ensemble fusion task")
     max_error_rate: float = Field(1.0, ge=0, le=1, description="fail the run above this fraction of errored images")
-
-
-class EnsembleConfig(Strict):
-    """Mask-level fusion of several models' instances (segpipe.ensemble.fuse)."""
-
-    method: Literal["soft", "vote", "best"] = Field(
-        "soft", description="soft: score x weight average of the members' soft masks, thresholded at mask_thresh; vote: a "
-        "pixel is kept when the weights of the members covering it reach quorum x the weight of all models; best: the "
-        "member with the largest weight x score")
-    iou_thresh: float = Field(0.5, gt=0, le=1, description="mask IoU at which an instance joins a group")
-    class_agnostic: bool = Field(False, description="match across classes (the group's class is then a weighted vote)")
-    weights: dict[str, float] = Field(default_factory=dict, description="per-model weight by card name (default 1)")
-    min_votes: int = Field(1, ge=1, description="drop groups with fewer members (models)")
-    mask_thresh: float = Field(0.5, gt=0, lt=1, description="soft: averaged probability that keeps a pixel")
-    quorum: float = Field(0.5, gt=0, le=1, description="vote: fraction of the total model weight a pixel needs")
-
-    @field_validator("weights")
-    @classmethod
-    def _weights(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = {k: w for k, w in v.items() if not w > 0}
-        if bad:
-            raise ValueError(f"weights must be > 0, got {bad}")
-        return v
 
 
 class EvalConfig(Strict):
@@ -109,6 +113,8 @@ class WorkflowConfig(Strict):
     decode: DecodeConfig = Field(default_factory=DecodeConfig)
     models: list[ModelStageConfig] = Field(min_length=1)
     output: OutputConfig
+    ensemble: EnsembleConfig | None = Field(None, description="fuse the models' instances; instances/ then holds the "
+                                            "fused ones (source 'ensemble')")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 
@@ -117,6 +123,9 @@ class WorkflowConfig(Strict):
         refs = [m.model for m in self.models]
         if len(set(refs)) != len(refs):
             raise ValueError(f"models: each model may appear once, got {refs}")
+        if self.ensemble is not None and self.output.primary not in (None, "ensemble"):
+            raise ValueError(f"output.primary: with an ensemble, instances/ holds the fused instances; got "
+                             f"{self.output.primary!r} (leave it unset)")
         return self
 
     def digest(self) -> str:

@@ -206,3 +206,65 @@ def test_unknown_primary_and_mismatched_categories_fail_before_any_work(tiny_car
     with pytest.raises(WorkflowError, match="category set"):
         run_workflow(_two_model_cfg(tiny_card, other, shapes_data, tmp_path / "o2"), progress=lambda m: None)
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+
+
+def test_ensemble_of_two_zoo_models_fills_instances_with_fused_rows(ray_local, shapes_data, tmp_path):
+    """maskrcnn-shapes + polarmask-shapes (real trained weights) fused in the pipeline."""
+    from segpipe.config import WorkflowConfig
+
+    out = tmp_path / "out"
+    data = _two_model_cfg("maskrcnn-shapes", "polarmask-shapes", shapes_data, out).model_dump(mode="json")
+    data["models"][1]["score_threshold"] = None
+    data["ensemble"] = {"method": "soft"}
+    result = run_workflow(WorkflowConfig.model_validate(data), run_id="ens", progress=lambda m: None)
+    assert result.status == "complete" and result.counts["ok"] == 6 and result.counts["errors"] == 2
+    preds = read_committed(str(out), "predictions").to_pylist()
+    inst = read_committed(str(out), "instances").to_pylist()
+    manifest = json.loads((out / "_segpipe" / "run.json").read_text())
+    versions = {m["name"]: m["version"] for m in manifest["models"]}
+    assert manifest["outputs"]["instances_source"] == "ensemble" and result.eval["source"] == "ensemble"
+    assert set(result.eval["per_model"]) == {"maskrcnn-shapes", "polarmask-shapes"}
+    assert inst and all(r["source"] == "ensemble" for r in inst)
+    pred_scores = {(r["image_id"], r["source"], round(r["score"], 5)) for r in preds}
+    assert max(r["n_votes"] for r in inst) == 2  # the two models agree on most shapes
+    for r in inst:
+        assert r["n_votes"] == len(r["members"]) and 1 <= r["n_votes"] <= 2
+        assert r["model_versions"] == sorted({m["model_version"] for m in r["members"]})
+        for m in r["members"]:
+            assert versions[m["model"]] == m["model_version"] and 0.0 <= m["iou"] <= 1.0
+            assert (r["image_id"], m["model"], round(m["score"], 5)) in pred_scores  # a member is a raw prediction
+        if r["n_votes"] == 2:
+            assert 0.5 <= r["agreement"] <= 1.0 and r["confidence"] == pytest.approx(r["score"] * r["agreement"], rel=1e-5)
+        else:
+            assert r["agreement"] is None and r["confidence"] == pytest.approx(r["score"], rel=1e-5)
+            assert r["score"] <= 0.5 + 1e-6  # one of two equal-weight models: half its score
+        assert len(r["soft_mask"]) == 28 * 28 * 2 and len(r["soft_box"]) == 4
+    assert all(len(r["soft_mask"]) == 28 * 28 * 2 for r in preds)  # raw soft masks persisted for re-fusion
+    images = read_committed(str(out), "images").to_pylist()
+    assert sum(r["n_instances"] for r in images) == len(inst) == result.counts["instances"]
+    coco = COCO(str(out / "coco" / "instances.json"))
+    assert len(coco.anns) == len(inst)
+    # Re-fusion from the persisted raw predictions, no model run: same settings, same rows.
+    from typer.testing import CliRunner
+
+    from segpipe.cli import app
+
+    runner = CliRunner()
+    same = tmp_path / "same"
+    r = runner.invoke(app, ["ensemble", str(out), "--out", str(same)])
+    assert r.exit_code == 0, r.output
+    key = lambda r: (r["image_id"], r["mask_rle"], round(r["score"], 5), r["n_votes"])  # noqa: E731
+    assert sorted(map(key, read_committed(str(same), "instances").to_pylist())) == sorted(map(key, inst))
+    voted = tmp_path / "voted"
+    r = runner.invoke(app, ["ensemble", str(out), "--out", str(voted), "--set", "ensemble.method=vote",
+                            "--set", "output.min_votes=2", "--gt", str(shapes_data / "annotations.json")])
+    assert r.exit_code == 0, r.output
+    assert "AP" in r.output
+    fused = read_committed(str(voted), "instances").to_pylist()
+    assert fused and all(row["n_votes"] == 2 for row in fused)
+    assert len(fused) == sum(row["n_votes"] == 2 for row in inst)
+    assert json.loads((voted / "_segpipe" / "run.json").read_text())["ensemble"]["method"] == "vote"
+    r = runner.invoke(app, ["ensemble", str(out), "--out", str(tmp_path / "bad"), "--set", "ensemble.quorum=2"])
+    assert r.exit_code == 2 and "ensemble.quorum" in r.output
+    r = runner.invoke(app, ["ensemble", str(out), "--set", "models.0.model=x"])
+    assert r.exit_code == 2 and "only ensemble" in r.output

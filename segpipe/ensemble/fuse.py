@@ -20,7 +20,8 @@ probability map sampled into the fused box.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import json
+from dataclasses import asdict, dataclass, field
 from itertools import combinations
 from typing import Sequence
 
@@ -59,6 +60,22 @@ class Fused:
     n_votes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     agreement: list[float | None] = field(default_factory=list)
     confidence: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+
+
+def encode_fused(fused: Fused) -> tuple[bytes, str]:
+    """-> (``Instances.to_bytes()``, JSON of the per-instance members, votes, agreement and
+    confidence): plain columns for passing a Fused between pipeline stages (no pickle)."""
+    meta = {"members": [[asdict(m) for m in ms] for ms in fused.members], "n_votes": fused.n_votes.tolist(),
+            "agreement": fused.agreement, "confidence": fused.confidence.tolist()}
+    return fused.instances.to_bytes(), json.dumps(meta)
+
+
+def decode_fused(data: bytes, meta: str) -> Fused:
+    """Inverse of ``encode_fused``."""
+    m = json.loads(meta)
+    return Fused(instances=Instances.from_bytes(data), members=[[Member(**x) for x in ms] for ms in m["members"]],
+                 n_votes=np.asarray(m["n_votes"], np.int32), agreement=m["agreement"],
+                 confidence=np.asarray(m["confidence"], np.float32))
 
 
 def match_groups(outputs: Sequence[ModelOutput], cfg: EnsembleConfig) -> list[list[tuple[int, int]]]:

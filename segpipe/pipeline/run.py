@@ -76,8 +76,9 @@ def _load_models(cfg: WorkflowConfig) -> list[_Model]:
 
 
 def _primary(cfg: WorkflowConfig, models: list[_Model]) -> _Model:
-    """The model whose predictions fill instances/ (output.primary, default the first)."""
-    if cfg.output.primary is None:
+    """The model whose predictions fill instances/ without an ensemble (output.primary, default
+    the first); with one, the model whose categories name the fused instances (the first)."""
+    if cfg.output.primary in (None, "ensemble"):
         return models[0]
     for stage, m in zip(cfg.models, models):
         if cfg.output.primary in (m.card.name, stage.model):
@@ -127,7 +128,8 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
     n_shards = len({f.shard for f in files})
     progress(f"run {run_id}: {len(files)} images in {n_shards} shards from {cfg.source.uri}"
              + (f" ({len(committed)} shards already committed, resuming)" if committed else ""))
-    progress("models: " + ", ".join(m.version for m in models) + (f" (instances/ from {primary.card.name})" if len(models) > 1 else ""))
+    source = "ensemble" if cfg.ensemble is not None else primary.card.name
+    progress("models: " + ", ".join(m.version for m in models) + (f" (instances/ from {source})" if len(models) > 1 else ""))
 
     started_ray = _init_ray(cfg)
     try:
@@ -161,7 +163,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
 
         gt = read_json(cfg.eval.gt)  # read once, scored once per table/model
         eval_stats = evaluate_output(cfg.output.uri, gt, max_dets=cfg.eval.max_dets)
-        eval_stats["source"] = primary.card.name
+        eval_stats["source"] = source
         if len(models) > 1:
             eval_stats["per_model"] = {
                 m.card.name: evaluate_output(cfg.output.uri, gt, max_dets=cfg.eval.max_dets, table="predictions", source=m.card.name)
@@ -189,7 +191,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
         "images_per_s": round(result.images_per_s, 3),
         "shards": sorted(markers),
         "resumed_shards": sorted(committed),
-        "outputs": {"tables": ["instances", "predictions", "images", "errors"], "instances_source": primary.card.name,
+        "outputs": {"tables": ["instances", "predictions", "images", "errors"], "instances_source": source,
                     "coco": "coco/instances.json" if coco_counts else None},
         "eval": eval_stats,
     }
@@ -211,7 +213,7 @@ def _totals(markers: dict[int, dict]) -> dict:
 def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceFile], has_gpu: bool):
     import ray
 
-    from segpipe.pipeline.stages import ModelStage, read_decode
+    from segpipe.pipeline.stages import ModelStage, fuse_batch, read_decode
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
@@ -247,13 +249,23 @@ def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceF
             num_gpus=n_gpus,
             batch_format="numpy",
         )
+    if cfg.ensemble is not None:
+        ds = ds.map_batches(
+            fuse_batch,
+            fn_kwargs={"models": [[m.card.name, m.version] for m in models], "config": cfg.ensemble.model_dump(mode="json")},
+            batch_size=cfg.pipeline.read_batch_size,
+            num_cpus=cfg.pipeline.ensemble_num_cpus,
+            batch_format="numpy",
+        )
     return ds
 
 
 def _consume(cfg, ds, writer, run_id, models, primary, expected, stage_ms, progress, t0) -> None:
     """Drain the stream; commit each shard when its last row arrives. Every model's instances go
-    to predictions/, the primary model's also to instances/."""
-    from segpipe.sinks.tables import instance_rows, to_table
+    to predictions/; instances/ gets the ensemble's (with ``cfg.ensemble``) or the primary model's,
+    filtered by the output thresholds."""
+    from segpipe.ensemble.fuse import decode_fused
+    from segpipe.sinks.tables import ensemble_rows, instance_rows, to_table
     from segpipe.structures import Instances
 
     names = {c.id: c.name for c in primary.card.categories}
@@ -269,6 +281,8 @@ def _consume(cfg, ds, writer, run_id, models, primary, expected, stage_ms, progr
         stage_ms["read"] += float(row["ms:read"])
         for m in models:
             stage_ms[m.card.name] += float(row[f"ms:{m.card.name}"])
+        if cfg.ensemble is not None:
+            stage_ms["ensemble"] += float(row["ms:ensemble"])
         if ok:
             for m in models:
                 inst = Instances.from_bytes(row[f"pred:{m.card.name}"])
@@ -276,9 +290,17 @@ def _consume(cfg, ds, writer, run_id, models, primary, expected, stage_ms, progr
                                      model=m.card.name, model_version=m.version, category_names=names,
                                      min_score=cfg.output.min_score)
                 tables["predictions"].extend(rows)
-                if m is primary:
-                    tables["instances"].extend(rows)
-                    n_inst = len(rows)
+                if m is primary and cfg.ensemble is None:
+                    kept = [r for r in rows if r["confidence"] >= cfg.output.min_confidence]
+                    tables["instances"].extend(kept)
+                    n_inst = len(kept)
+            if cfg.ensemble is not None:
+                fused = decode_fused(row["pred:ensemble"], row["meta:ensemble"])
+                rows = ensemble_rows(fused, run_id=run_id, image_id=int(row["image_id"]), image_uri=row["uri"],
+                                     category_names=names, min_score=cfg.output.min_score,
+                                     min_confidence=cfg.output.min_confidence, min_votes=cfg.output.min_votes)
+                tables["instances"].extend(rows)
+                n_inst = len(rows)
         else:
             tables["errors"].append({"run_id": run_id, "image_id": int(row["image_id"]), "uri": row["uri"],
                                      "stage": row["error_stage"], "error_type": row["error_type"], "message": row["error_message"]})

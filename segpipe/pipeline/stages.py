@@ -3,7 +3,8 @@
 Rows carry the listing columns (uri, image_id, relpath, size, tag, index, shard), then
 ``sha256``, ``width``, ``height``, ``image`` (uint8 [H, W, 3]; [0, 0, 3] on error), the error
 columns ``error_stage``/``error_type``/``error_message`` ('' when ok), and per model
-``pred:<model>`` (Instances.to_bytes(); b'' when not predicted) and ``ms:<model>``.
+``pred:<model>`` (Instances.to_bytes(); b'' when not predicted) and ``ms:<model>``; with an
+ensemble, ``pred:ensemble`` / ``meta:ensemble`` (``ensemble.fuse.encode_fused``) and ``ms:ensemble``.
 """
 
 from __future__ import annotations
@@ -120,3 +121,28 @@ class ModelStage:
         out["error_type"] = np.asarray(e_type, dtype=object)
         out["error_message"] = np.asarray(e_msg, dtype=object)
         return out
+
+
+def fuse_batch(batch: dict[str, np.ndarray], *, models: list[list[str]], config: dict) -> dict[str, Any]:
+    """Fuse the models' instances of each ok row (``models``: [card name, version] pairs in
+    workflow order; ``config``: an ``EnsembleConfig`` as a dict). Errored rows get b'' / ''."""
+    from segpipe.config import EnsembleConfig
+    from segpipe.ensemble.fuse import ModelOutput, encode_fused, fuse_image
+    from segpipe.structures import Instances
+
+    cfg = EnsembleConfig.model_validate(config)
+    n = len(batch["uri"])
+    preds, metas, ms = [b""] * n, [""] * n, np.zeros(n, np.float64)
+    for i in range(n):
+        if batch["error_type"][i]:
+            continue
+        t = time.perf_counter()
+        outs = [ModelOutput(name=name, version=version, instances=Instances.from_bytes(batch[f"pred:{name}"][i]))
+                for name, version in models]
+        preds[i], metas[i] = encode_fused(fuse_image(outs, cfg))
+        ms[i] = (time.perf_counter() - t) * 1000
+    out = {k: batch[k] for k in batch}
+    out["pred:ensemble"] = _object_array(preds)
+    out["meta:ensemble"] = np.asarray(metas, dtype=object)
+    out["ms:ensemble"] = ms
+    return out

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow as pa
 
 from segpipe.ops import masks as mask_ops
-from segpipe.structures import Instances
+from segpipe.structures import SOFT_MASK_SIZE, Instances
 
 MEMBER = pa.struct(
     [
@@ -33,8 +34,11 @@ INSTANCES = pa.schema(
         pa.field("members", pa.list_(MEMBER)),
         pa.field("n_votes", pa.int32()),
         pa.field("agreement", pa.float32()),  # mean pairwise mask IoU of members; null for one
+        pa.field("confidence", pa.float32()),  # ensemble: score x agreement; one model: its score
         pa.field("refined_by", pa.string()),
         pa.field("model_versions", pa.list_(pa.string())),
+        pa.field("soft_box", pa.list_(pa.float32(), 4)),  # xyxy pixels: the frame of soft_mask
+        pa.field("soft_mask", pa.binary()),  # float16 [28, 28] C-order probabilities over soft_box
     ]
 )
 
@@ -70,6 +74,31 @@ ERRORS = pa.schema(
 SCHEMAS = {"instances": INSTANCES, "predictions": INSTANCES, "images": IMAGES, "errors": ERRORS}
 
 
+def _soft(inst: Instances, i: int) -> dict:
+    if inst.mask_probs is None:
+        return {"soft_box": None, "soft_mask": None}
+    return {"soft_box": [float(v) for v in inst.boxes[i]], "soft_mask": inst.mask_probs[i].astype(np.float16).tobytes()}
+
+
+def rows_to_instances(rows: list[dict], height: int, width: int) -> Instances:
+    """Rows of one image and one source (instances/ or predictions/) -> Instances. Boxes are
+    the soft masks' frames (``soft_box``), else the masks' tight boxes; ``mask_probs`` is set
+    only when every row carries a soft mask."""
+    n = len(rows)
+    soft = n > 0 and all(r.get("soft_mask") is not None for r in rows)
+    boxes = np.zeros((n, 4), np.float32)
+    for k, r in enumerate(rows):
+        if r.get("soft_box") is not None:
+            boxes[k] = r["soft_box"]
+        else:
+            x, y, w, h = r["bbox"]
+            boxes[k] = (x, y, x + w, y + h)
+    probs = np.stack([np.frombuffer(r["soft_mask"], np.float16).reshape(SOFT_MASK_SIZE, SOFT_MASK_SIZE) for r in rows]) if soft else None
+    return Instances(height=height, width=width, boxes=boxes, scores=np.asarray([r["score"] for r in rows], np.float32),
+                     labels=np.asarray([r["category_id"] for r in rows], np.int64),
+                     masks=[{"size": [height, width], "counts": r["mask_rle"]} for r in rows], mask_probs=probs)
+
+
 def instance_rows(
     inst: Instances, *, run_id: str, image_id: int, image_uri: str, model: str, model_version: str,
     category_names: dict[int, str], min_score: float = 0.0,
@@ -103,10 +132,39 @@ def instance_rows(
                 "members": [{"model": model, "model_version": model_version, "score": score, "iou": 1.0}],
                 "n_votes": 1,
                 "agreement": None,
+                "confidence": score,
                 "refined_by": None,
                 "model_versions": [model_version],
+                **_soft(inst, i),
             }
         )
+    return rows
+
+
+def ensemble_rows(fused, *, run_id: str, image_id: int, image_uri: str, category_names: dict[int, str],
+                  min_score: float = 0.0, min_confidence: float = 0.0, min_votes: int = 1) -> list[dict]:
+    """An ``ensemble.fuse.Fused`` for one image -> instances rows (source 'ensemble'), keeping
+    those at or above ``min_score``, ``min_confidence`` and ``min_votes``."""
+    inst = fused.instances
+    areas = mask_ops.area(inst.masks)
+    boxes = mask_ops.to_bbox(inst.masks)
+    rows = []
+    for i in range(len(inst)):
+        score, conf, votes = float(inst.scores[i]), float(fused.confidence[i]), int(fused.n_votes[i])
+        if areas[i] == 0 or score < min_score or conf < min_confidence or votes < min_votes:
+            continue
+        members = fused.members[i]
+        rows.append({
+            "run_id": run_id, "image_id": image_id, "image_uri": image_uri,
+            "category_id": int(inst.labels[i]), "category_name": category_names.get(int(inst.labels[i])),
+            "score": score, "bbox": [float(v) for v in boxes[i]], "area": int(areas[i]),
+            "mask_rle": inst.masks[i]["counts"], "mask_height": inst.height, "mask_width": inst.width,
+            "source": "ensemble",
+            "members": [{"model": m.model, "model_version": m.model_version, "score": m.score, "iou": m.iou} for m in members],
+            "n_votes": votes, "agreement": fused.agreement[i], "confidence": conf, "refined_by": None,
+            "model_versions": sorted({m.model_version for m in members}),
+            **_soft(inst, i),
+        })
     return rows
 
 
