@@ -236,7 +236,8 @@ def ensemble_cmd(
         manifest = read_manifest(run_dir)
     except FileNotFoundError as e:
         _fail(str(e))
-    wf = manifest["workflow"]["config"]
+    wf = (manifest.get("workflow") or {}).get("config") or {  # a re-fused output records its settings directly
+        "ensemble": manifest.get("ensemble"), "output": manifest.get("output_filters", {})}
     run_id = new_run_id()
     out = out or f"{run_dir.rstrip('/')}/ensembles/{run_id}"
     filters = {k: wf["output"][k] for k in ("min_score", "min_confidence", "min_votes", "coco") if k in wf["output"]}
@@ -264,22 +265,48 @@ def ensemble_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    pred: Annotated[str, typer.Option(help="a run's output folder (or URI)")],
+    pred: Annotated[list[str], typer.Option(help="a run's output folder or URI (repeat to compare several)")],
     gt: Annotated[Path, typer.Option(help="COCO ground truth json")],
     max_dets: Annotated[int, typer.Option(help="detections per image considered (pycocotools maxDets)")] = 100,
     model: Annotated[Optional[str], typer.Option(help="score this model's raw predictions/ instead of instances/")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    each_model: Annotated[bool, typer.Option("--each-model", help="also score every model's raw predictions/")] = False,
+    boundary: Annotated[bool, typer.Option("--boundary", help="add Boundary AP (Cheng et al., CVPR 2021)")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON (one object, or a list when comparing)")] = False,
 ) -> None:
-    """COCO segm AP, AP50, AP75 and AP per category of a run (pycocotools is the oracle)."""
-    from segpipe.evaluation import evaluate_output, format_table
+    """COCO segm AP, AP50, AP75 and AP per category of a run (pycocotools is the oracle).
+
+    With several --pred or --each-model, one comparison table: each result set on one line.
+    """
+    from segpipe.ensemble.refuse import read_manifest
+    from segpipe.evaluation import compare_table, evaluate_output, format_table, load_gt
 
     if not gt.is_file():
         _fail(f"ground truth {gt} not found")
+    gt_coco = load_gt(gt).dataset  # read once, scored once per result set
+    rows: list[tuple[str, dict]] = []
     try:
-        stats = evaluate_output(pred, gt, max_dets=max_dets, **({"table": "predictions", "source": model} if model else {}))
+        for p in pred:
+            tag = f"{p}: " if len(pred) > 1 else ""
+            if model:
+                rows.append((f"{tag}{model}", evaluate_output(p, gt_coco, max_dets=max_dets, table="predictions",
+                                                              source=model, boundary=boundary)))
+                continue
+            try:
+                man = read_manifest(p)
+            except FileNotFoundError:
+                man = {}
+            source = (man.get("outputs") or {}).get("instances_source", "instances")
+            rows.append((f"{tag}{source}", evaluate_output(p, gt_coco, max_dets=max_dets, boundary=boundary)))
+            if each_model:
+                for m in man.get("models", []):
+                    rows.append((f"{tag}{m['name']}", evaluate_output(p, gt_coco, max_dets=max_dets, table="predictions",
+                                                                      source=m["name"], boundary=boundary)))
     except (FileNotFoundError, ValueError) as e:
         _fail(str(e))
-    typer.echo(json.dumps(stats) if as_json else format_table(stats))
+    if len(rows) == 1:
+        typer.echo(json.dumps(rows[0][1]) if as_json else format_table(rows[0][1]))
+    else:
+        typer.echo(json.dumps([{"result": n, **st} for n, st in rows]) if as_json else compare_table(rows))
 
 
 # --- models ----------------------------------------------------------------------------------

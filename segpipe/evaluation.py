@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+from pycocotools import mask as maskUtils
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -44,21 +45,75 @@ def load_gt(gt: str | Path | dict) -> COCO:
     return coco
 
 
-def evaluate(gt: COCO, results: list[dict], *, max_dets: int = 100, image_ids: Iterable[int] | None = None) -> dict:
+BOUNDARY_DILATION_RATIO = 0.02  # Boundary IoU (Cheng et al., CVPR 2021): band width = 2% of the image diagonal
+
+
+def boundary_dilation(height: int, width: int, ratio: float = BOUNDARY_DILATION_RATIO) -> int:
+    """Boundary band width in pixels for an image: round(ratio x diagonal), at least 1."""
+    return max(1, int(round(ratio * float(np.hypot(height, width)))))
+
+
+def boundary_rle(rle: dict, dilation: int) -> dict:
+    """The inner boundary band of an RLE mask: its pixels within ``dilation`` (chessboard
+    distance) of the background, the image border counting as background -> RLE. O(box)."""
+    from scipy import ndimage
+
+    from segpipe.ops import masks as mask_ops
+
+    h, w = (int(v) for v in rle["size"])
+    x, y, bw, bh = (int(round(v)) for v in mask_ops.to_bbox([rle])[0])
+    if bw == 0 or bh == 0:
+        return rle
+    crop = mask_ops.decode_region(rle, (x, y, x + bw, y + bh))  # zero outside: erosion sees background there
+    inner = ndimage.binary_erosion(crop, structure=np.ones((3, 3), bool), iterations=dilation, border_value=0)
+    return mask_ops.encode_local(crop & ~inner, x, y, h, w)
+
+
+class _BoundaryEval(COCOeval):
+    """pycocotools' segm evaluation with IoU = min(mask IoU, boundary IoU) for non-crowd ground
+    truth: the matching rule of Boundary AP."""
+
+    def computeIoU(self, imgId, catId):  # noqa: N802 - pycocotools' name
+        mask_ious = super().computeIoU(imgId, catId)
+        p = self.params
+        if p.useCats:
+            gt, dt = self._gts[imgId, catId], self._dts[imgId, catId]
+        else:
+            gt = [g for c in p.catIds for g in self._gts[imgId, c]]
+            dt = [d for c in p.catIds for d in self._dts[imgId, c]]
+        if len(gt) == 0 or len(dt) == 0:
+            return mask_ious
+        dt = [dt[i] for i in np.argsort([-d["score"] for d in dt], kind="mergesort")][: p.maxDets[-1]]  # as super()
+        info = self.cocoGt.imgs[imgId]
+        dil = boundary_dilation(int(info["height"]), int(info["width"]))
+        for a in gt + dt:
+            if "_boundary" not in a:
+                a["_boundary"] = boundary_rle(a["segmentation"], dil)
+        iscrowd = [int(g.get("iscrowd", 0)) for g in gt]
+        b_ious = np.asarray(maskUtils.iou([_bytes(d["_boundary"]) for d in dt], [_bytes(g["_boundary"]) for g in gt], iscrowd))
+        out = np.array(mask_ious, dtype=np.float64)
+        crowd = np.asarray(iscrowd, bool)
+        out[:, ~crowd] = np.minimum(out[:, ~crowd], b_ious[:, ~crowd])
+        return out
+
+
+def _bytes(rle: dict) -> dict:
+    c = rle["counts"]
+    return {"size": rle["size"], "counts": c.encode("ascii") if isinstance(c, str) else c}
+
+
+def evaluate(gt: COCO, results: list[dict], *, max_dets: int = 100, image_ids: Iterable[int] | None = None,
+             boundary: bool = False) -> dict:
     """COCO segm metrics of ``results`` against ``gt``.
 
     Returns {"AP", "AP50", ..., "ARmax" (recall at ``max_dets``), "per_category": {name: AP},
-    "n_images", "n_predictions", "max_dets"}. AP values are in [0, 1]; -1 means undefined.
+    "n_images", "n_predictions", "max_dets"}; with ``boundary`` also "BoundaryAP",
+    "BoundaryAP50", "BoundaryAP75" (Cheng et al., CVPR 2021: matching on min(mask IoU, boundary
+    IoU), band = 2% of the image diagonal). AP values are in [0, 1]; -1 means undefined.
     """
     ids = sorted(gt.getImgIds() if image_ids is None else set(image_ids))
     results = [r for r in results if r["image_id"] in set(ids)]
-    with contextlib.redirect_stdout(io.StringIO()):
-        dt = gt.loadRes([dict(r) for r in results]) if results else _empty_res(gt)
-        ev = COCOeval(gt, dt, iouType="segm")
-        ev.params.imgIds = ids
-        ev.params.maxDets = [1, 10, max_dets]
-        ev.evaluate()  # sorts params.maxDets and keeps at most maxDets[-1] detections per image
-        ev.accumulate()
+    ev = _run_eval(COCOeval, gt, results, ids, max_dets)
     # Not ev.summarize(): it takes AP at a hard-coded maxDets=100 (-1 for any other max_dets) and
     # reads maxDets[2] after evaluate() has sorted the list (max_dets < 10 would report 10).
     stats = {name: _summarize(ev, ap, iou, area, max_dets if dets is None else dets)
@@ -72,7 +127,22 @@ def evaluate(gt: COCO, results: list[dict], *, max_dets: int = 100, image_ids: I
         p = p[p > -1]
         per_cat[gt.cats[cid]["name"]] = float(p.mean()) if p.size else -1.0
     stats.update(per_category=per_cat, n_images=len(ids), n_predictions=len(results), max_dets=max_dets)
+    if boundary:
+        bev = _run_eval(_BoundaryEval, gt, results, ids, max_dets)
+        for name, (_, iou, area, _) in zip(("BoundaryAP", "BoundaryAP50", "BoundaryAP75"), _STAT_SPECS[:3]):
+            stats[name] = _summarize(bev, True, iou, area, max_dets)
     return stats
+
+
+def _run_eval(cls, gt: COCO, results: list[dict], ids: list[int], max_dets: int) -> COCOeval:
+    with contextlib.redirect_stdout(io.StringIO()):
+        dt = gt.loadRes([dict(r) for r in results]) if results else _empty_res(gt)
+        ev = cls(gt, dt, iouType="segm")
+        ev.params.imgIds = ids
+        ev.params.maxDets = [1, 10, max_dets]
+        ev.evaluate()  # sorts params.maxDets and keeps at most maxDets[-1] detections per image
+        ev.accumulate()
+    return ev
 
 
 # Per STAT_NAMES entry: (AP or AR, IoU threshold or None for .50:.95, area range, maxDets or None
@@ -126,6 +196,8 @@ def remap_to_gt(gt: COCO, pred_coco: dict) -> tuple[list[dict], list[int]]:
 def format_table(stats: dict) -> str:
     lines = [f"segm (maxDets={stats['max_dets']}, {stats['n_images']} images, {stats['n_predictions']} predictions)"]
     lines.append("  " + "  ".join(f"{k}={stats[k]:.3f}" for k in ["AP", "AP50", "AP75", "APs", "APm", "APl", "ARmax"]))
+    if "BoundaryAP" in stats:
+        lines.append("  " + "  ".join(f"{k}={stats[k]:.3f}" for k in ["BoundaryAP", "BoundaryAP50", "BoundaryAP75"]))
     for name, ap in stats["per_category"].items():
         lines.append(f"  AP[{name}] = {ap:.3f}")
     return "\n".join(lines)
@@ -177,7 +249,7 @@ def output_results(output_uri: str, *, table: str = "instances", source: str | N
 
 
 def evaluate_output(output_uri: str, gt_path: str | Path | dict, *, max_dets: int = 100, table: str = "instances",
-                    source: str | None = None) -> dict:
+                    source: str | None = None, boundary: bool = False) -> dict:
     """Score a run output against a COCO ground truth; images are matched by file name.
 
     Only ground-truth images that the run processed successfully are scored; how many GT images
@@ -189,9 +261,23 @@ def evaluate_output(output_uri: str, gt_path: str | Path | dict, *, max_dets: in
     if not ids:
         where = "the ground truth" if isinstance(gt_path, dict) else str(gt_path)
         raise ValueError(f"no image of {output_uri} matches a file name in {where}")
-    stats = evaluate(gt, remapped, max_dets=max_dets, image_ids=ids)
+    stats = evaluate(gt, remapped, max_dets=max_dets, image_ids=ids, boundary=boundary)
     stats["n_gt_images"] = len(gt.getImgIds())
     return stats
+
+
+def compare_table(rows: list[tuple[str, dict]]) -> str:
+    """Several result sets scored on one ground truth -> one aligned text table (one line each:
+    AP, AP50, AP75, ARmax, Boundary AP / AP75 when computed, images, predictions)."""
+    boundary = all("BoundaryAP" in st for _, st in rows)
+    cols = ["AP", "AP50", "AP75", "ARmax"] + (["BoundaryAP", "BoundaryAP75"] if boundary else [])
+    width = max([len(name) for name, _ in rows] + [10])
+    head = f"{'result':<{width}}  " + "  ".join(f"{c:>12}" for c in cols) + f"  {'images':>6}  {'preds':>7}"
+    lines = [head, "-" * len(head)]
+    for name, st in rows:
+        lines.append(f"{name:<{width}}  " + "  ".join(f"{st[c]:>12.3f}" for c in cols)
+                     + f"  {st['n_images']:>6}  {st['n_predictions']:>7}")
+    return "\n".join(lines)
 
 
 def polar_bound_results(gt: COCO, n_rays: int = 36) -> list[dict]:

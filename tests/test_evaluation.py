@@ -340,3 +340,45 @@ def test_polar_bound_cli(tmp_path):
     assert json.loads(r.output)["n_rays"] == 36
     r = CliRunner().invoke(app, ["data", "polar-bound", "--gt", str(p), "--n-rays", "2"])
     assert r.exit_code == 2 and "--n-rays" in r.output
+
+
+# --- Boundary AP ------------------------------------------------------------------------------
+
+
+def test_boundary_band_of_a_square_and_of_one_touching_the_image_border():
+    from segpipe.evaluation import boundary_dilation, boundary_rle
+
+    assert boundary_dilation(100, 100) == 3 and boundary_dilation(10, 10) == 1  # 2% of the diagonal, at least 1
+    m = np.zeros((1, 60, 50), np.uint8)
+    m[0, 10:30, 5:25] = 1
+    band = mask_ops.decode([boundary_rle(mask_ops.encode(m)[0], 2)])[0]
+    want = m[0].copy()
+    want[12:28, 7:23] = 0
+    np.testing.assert_array_equal(band, want)  # 20^2 - 16^2 = 144 pixels
+    m[:] = 0
+    m[0, 0:20, 0:10] = 1  # on the top-left corner: the image border is background
+    band = mask_ops.decode([boundary_rle(mask_ops.encode(m)[0], 1)])[0]
+    assert band[0, :10].all() and band[:20, 0].all() and not band[1:19, 1:9].any()
+
+
+def test_boundary_ap_is_stricter_than_mask_ap_on_a_one_pixel_error():
+    """GT 40x40 square in a 100x100 image (band 3 px); prediction 1 px larger all round: mask IoU
+    1600 / 1764 = 0.907, boundary IoU 304 / 608 = 0.5 -> a match only at the 0.5 threshold."""
+    from segpipe.evaluation import evaluate
+
+    g = np.zeros((1, 100, 100), np.uint8)
+    g[0, 30:70, 30:70] = 1
+    p = np.zeros((1, 100, 100), np.uint8)
+    p[0, 29:71, 29:71] = 1
+    rle = mask_ops.encode(g)[0]
+    gt = load_gt({"images": [{"id": 1, "width": 100, "height": 100, "file_name": "a.png"}],
+                  "categories": [{"id": 1, "name": "sq"}],
+                  "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "segmentation": rle, "area": 1600,
+                                   "bbox": [30, 30, 40, 40], "iscrowd": 0}]})
+    res = [{"image_id": 1, "category_id": 1, "segmentation": mask_ops.encode(p)[0], "score": 0.9}]
+    st = evaluate(gt, res, boundary=True)
+    assert st["AP"] == pytest.approx(0.9) and st["AP75"] == pytest.approx(1.0)
+    assert st["BoundaryAP50"] == pytest.approx(1.0) and st["BoundaryAP75"] == pytest.approx(0.0)
+    assert st["BoundaryAP"] == pytest.approx(0.1)
+    exact = evaluate(gt, [dict(res[0], segmentation=rle)], boundary=True)
+    assert exact["BoundaryAP"] == pytest.approx(1.0) and "BoundaryAP" not in evaluate(gt, res)

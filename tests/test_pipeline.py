@@ -268,3 +268,15 @@ def test_ensemble_of_two_zoo_models_fills_instances_with_fused_rows(ray_local, s
     assert r.exit_code == 2 and "ensemble.quorum" in r.output
     r = runner.invoke(app, ["ensemble", str(out), "--set", "models.0.model=x"])
     assert r.exit_code == 2 and "only ensemble" in r.output
+    # One comparison table: the ensemble and each model of the run, then the re-fused result.
+    r = runner.invoke(app, ["eval", "--pred", str(out), "--pred", str(voted), "--gt", str(shapes_data / "annotations.json"),
+                            "--each-model", "--boundary", "--json"])
+    assert r.exit_code == 0, r.output
+    table = json.loads(r.output)
+    assert [t["result"] for t in table] == [f"{out}: ensemble", f"{out}: maskrcnn-shapes", f"{out}: polarmask-shapes",
+                                            f"{voted}: ensemble", f"{voted}: maskrcnn-shapes", f"{voted}: polarmask-shapes"]
+    assert table[0]["AP"] == pytest.approx(result.eval["AP"])
+    assert table[1]["AP"] == pytest.approx(result.eval["per_model"]["maskrcnn-shapes"]["AP"])
+    assert all(0.0 <= t["BoundaryAP"] <= t["AP"] + 1e-9 for t in table)  # min(mask, boundary IoU) never matches more
+    text = runner.invoke(app, ["eval", "--pred", str(out), "--gt", str(shapes_data / "annotations.json"), "--each-model"])
+    assert text.exit_code == 0 and "polarmask-shapes" in text.output and "BoundaryAP" not in text.output

@@ -2,9 +2,9 @@
 
 Reads the run's committed ``predictions/`` (every model's instances with their box-frame soft
 masks) and ``images/`` shard by shard, fuses each image with ``fuse.fuse_image`` under a new
-``EnsembleConfig``, and writes a new output (``instances/`` from the ensemble, ``images/`` with
-updated counts, ``coco/instances.json``, ``_segpipe/run.json``) that ``segpipe eval`` reads like
-any run. Memory: one shard of predictions at a time.
+``EnsembleConfig``, and writes a new output (``instances/`` from the ensemble, the same raw
+``predictions/``, ``images/`` with updated counts, ``coco/instances.json``, ``_segpipe/run.json``)
+that ``segpipe eval`` and ``segpipe ensemble`` read like any run. Memory: one shard of predictions at a time.
 """
 
 from __future__ import annotations
@@ -55,10 +55,11 @@ def refuse_run(run_uri: str, out_uri: str, cfg: EnsembleConfig, output: OutputCo
     totals = defaultdict(int)
     fuse_ms = 0.0
     for shard, mk in sorted(markers.items()):
-        tables = {}
+        raw = {}
         for t in ("images", "predictions"):
             with fs.open(f"{root}/{mk['tables'][t]}", "rb") as f:
-                tables[t] = pq.read_table(f).cast(SCHEMAS[t]).to_pylist()
+                raw[t] = pq.read_table(f).cast(SCHEMAS[t])
+        tables = {t: v.to_pylist() for t, v in raw.items()}
         by_image: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
         for r in tables["predictions"]:
             by_image[r["image_id"]][r["source"]].append(r)
@@ -79,8 +80,8 @@ def refuse_run(run_uri: str, out_uri: str, cfg: EnsembleConfig, output: OutputCo
             images.append(im)
         counts = {"images": len(images), "ok": sum(i["status"] == "ok" for i in images),
                   "errors": sum(i["status"] != "ok" for i in images), "instances": len(out_rows)}
-        writer.write_shard(shard, {"instances": to_table("instances", out_rows), "images": to_table("images", images)},
-                           {"counts": counts})
+        writer.write_shard(shard, {"instances": to_table("instances", out_rows), "predictions": raw["predictions"],
+                                   "images": to_table("images", images)}, {"counts": counts})
         for k, v in counts.items():
             totals[k] += v
         progress(f"shard {shard}: {counts['ok']} images, {counts['instances']} fused instances")
@@ -97,7 +98,7 @@ def refuse_run(run_uri: str, out_uri: str, cfg: EnsembleConfig, output: OutputCo
         "models": manifest["models"],
         "counts": dict(totals),
         "timings_ms": {"ensemble": round(fuse_ms, 1)},
-        "outputs": {"tables": ["instances", "images"], "instances_source": "ensemble",
+        "outputs": {"tables": ["instances", "predictions", "images"], "instances_source": "ensemble",
                     "coco": "coco/instances.json" if coco else None},
     }
     writer.finish(new)
