@@ -342,6 +342,26 @@ class RSISParams(EmbedNetParams):
         return self
 
 
+class PointRendParams(Strict):
+    """The model-agnostic PointRend refiner (segpipe.refine.pointrend): a small U-Net feature map
+    over the image and a point head over fine features + the coarse logit (+ disagreement)."""
+
+    channels: list[int] = Field(default_factory=lambda: [16, 32, 64], min_length=2, description="feature U-Net levels")
+    full_res_channels: int = Field(8, ge=1)
+    context_dilations: list[int] = Field(default_factory=lambda: [2])
+    feat_channels: int = Field(16, ge=1, description="fine features per pixel")
+    hidden: int = Field(64, ge=1, description="point head width")
+    use_disagreement: bool = Field(True, description="feed the members' disagreement (std of their masks) per point")
+    margin: float = Field(0.1, ge=0, le=1, description="the frame: the instance box grown by this fraction per side")
+    coarse_size: int = Field(28, ge=4, description="side of the coarse map the subdivision starts from")
+    output_size: int = Field(112, ge=4, description="largest side of the refined map (coarse_size x 2^k)")
+    points: int = Field(256, ge=1, description="points re-predicted per subdivision step")
+    train_points: int = Field(196, ge=1, description="points per instance in training")
+    oversample: float = Field(3.0, ge=1, description="training: candidate points per kept point")
+    importance: float = Field(0.75, ge=0, le=1, description="training: share of points taken by uncertainty")
+    max_train_instances: int = Field(32, ge=1, description="training: instances per image at most")
+
+
 # --- helpers ------------------------------------------------------------------------------
 
 

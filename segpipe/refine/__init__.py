@@ -1,0 +1,2 @@
+"""Mask refinement: the model-agnostic PointRend refiner (``pointrend``) and the coarse-mask
+degradations it is trained on (``degrade``)."""

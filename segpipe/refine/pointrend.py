@@ -1,0 +1,173 @@
+"""A model-agnostic PointRend refiner (in the spirit of Kirillov, Wu, He, Girshick, CVPR 2020).
+
+Unlike PointRend's head, which shares its detector's backbone, this refiner owns a light
+feature network over the image (the embedding methods' small U-Net, ``feat_channels`` per
+pixel) and refines any model's masks. Each instance is handled in its frame: its box grown by
+``margin`` per side. Point head: an MLP (1x1 convolutions over points) on the fine features
+bilinearly sampled at the point, with the coarse logit (and, with ``use_disagreement``, the
+members' disagreement) appended to every layer's input.
+
+Inference (``subdivide``): start from the coarse probabilities in the frame at ``coarse_size``;
+each step doubles the resolution bilinearly and re-predicts the ``points`` cells whose logit is
+closest to 0 (the most uncertain); stop at ``output_size``.
+
+Training (``forward`` with targets): ground-truth masks are sampled into jittered frames,
+degraded into coarse masks (``degrade``), and the head learns the true mask at ``train_points``
+per instance, ``importance`` of them the most uncertain of ``oversample`` x as many random
+candidates, the rest uniform (the paper's sampling).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import roi_align
+
+from segpipe.config import EmbedNetParams, PointRendParams
+from segpipe.modeling.batching import pad_batch
+from segpipe.modeling.embednet import EmbedUNet
+from segpipe.modeling.instance_classifier import tight_boxes
+from segpipe.refine.degrade import degrade
+
+EPS = 1e-4
+
+
+def grow(boxes: torch.Tensor, margin: float) -> torch.Tensor:
+    """xyxy [N, 4] -> the frames: each side moved out by ``margin`` x the box side (at least 1 px)."""
+    wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1.0)
+    return torch.cat([boxes[:, :2] - margin * wh, boxes[:, 2:] + margin * wh], 1)
+
+
+def frame_to_image(uv: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """Points in frame units [N, P, 2] (u, v in [0, 1]) -> image pixel coordinates [N, P, 2] (x, y)."""
+    lo, size = frames[:, None, :2], (frames[:, 2:] - frames[:, :2])[:, None, :]
+    return lo + uv * size
+
+
+def sample_maps(maps: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
+    """Bilinear values of frame maps [N, S, S] at frame points [N, P, 2] (u, v in [0, 1]) -> [N, P]."""
+    grid = (uv * 2 - 1)[:, :, None, :]  # [N, P, 1, 2]
+    return F.grid_sample(maps[:, None], grid, mode="bilinear", padding_mode="border", align_corners=False)[:, 0, :, 0]
+
+
+def cell_centres(res: int, idx: torch.Tensor) -> torch.Tensor:
+    """Flat cell indices [N, P] of a res x res grid -> their centres in frame units [N, P, 2] (u, v)."""
+    return torch.stack([(idx % res).float() + 0.5, (idx // res).float() + 0.5], -1) / res
+
+
+class PointRendRefiner(nn.Module):
+    """``forward(images, targets)``: the training loss dict (``loss_point``). Inference goes
+    through ``image_features`` once per image and ``subdivide`` per batch of instances."""
+
+    def __init__(self, params: PointRendParams) -> None:
+        super().__init__()
+        self.params = params
+        trunk = EmbedNetParams(channels=params.channels, full_res_channels=params.full_res_channels,
+                               context_dilations=params.context_dilations)
+        self.features = EmbedUNet(trunk, params.feat_channels)
+        extra = 1 + (1 if params.use_disagreement else 0)  # coarse logit (+ disagreement), re-fed to every layer
+        widths = [params.feat_channels, params.hidden, params.hidden, params.hidden]
+        self.layers = nn.ModuleList(nn.Conv1d(widths[i] + extra, widths[i + 1], 1) for i in range(3))
+        self.out = nn.Conv1d(params.hidden + extra, 1, 1)
+
+    def image_features(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Images float [3, H, W] in [0, 1] -> fine features [B, feat_channels, Hp, Wp] (padded
+        at the bottom/right; pixel (x, y) of image b is column x, row y)."""
+        return self.features(pad_batch(images, self.features.multiple))
+
+    def point_logits(self, feats: torch.Tensor, xy: torch.Tensor, coarse_logit: torch.Tensor,
+                     disagreement: torch.Tensor | None) -> torch.Tensor:
+        """One image's features [C, H, W]; points in image pixels [N, P, 2]; the coarse logit and
+        disagreement there [N, P] -> refined logits [N, P]."""
+        n, p = xy.shape[:2]
+        h, w = feats.shape[-2:]
+        grid = torch.stack([xy[..., 0] / w * 2 - 1, xy[..., 1] / h * 2 - 1], -1).reshape(1, n * p, 1, 2)
+        f = F.grid_sample(feats[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
+        f = f[0, :, :, 0].reshape(-1, n, p).permute(1, 0, 2)  # [N, C, P]
+        side = [coarse_logit[:, None]]
+        if self.params.use_disagreement:
+            side.append((disagreement if disagreement is not None else torch.zeros_like(coarse_logit))[:, None])
+        side_t = torch.cat(side, 1)
+        x = f
+        for layer in self.layers:
+            x = F.relu(layer(torch.cat([x, side_t], 1)))
+        return self.out(torch.cat([x, side_t], 1))[:, 0]
+
+    @torch.no_grad()
+    def subdivide(self, feats: torch.Tensor, coarse: torch.Tensor, frames: torch.Tensor,
+                  disagreement: torch.Tensor | None = None, output_size: int | None = None) -> torch.Tensor:
+        """Adaptive subdivision for one image: ``feats`` [C, H, W]; ``coarse`` probabilities
+        [N, S, S] over ``frames`` (xyxy [N, 4], pixels); ``disagreement`` [N, S, S] or None ->
+        refined probabilities [N, R, R], R = S x 2^k the first at or above ``output_size``."""
+        p = self.params
+        out_size = output_size or p.output_size
+        logits = torch.logit(coarse.clamp(EPS, 1 - EPS))
+        dis = disagreement
+        res = logits.shape[-1]
+        while res < out_size and logits.shape[0]:
+            res *= 2
+            logits = F.interpolate(logits[:, None], scale_factor=2, mode="bilinear", align_corners=False)[:, 0]
+            if dis is not None:
+                dis = F.interpolate(dis[:, None], scale_factor=2, mode="bilinear", align_corners=False)[:, 0]
+            k = min(p.points, res * res)
+            flat = logits.reshape(logits.shape[0], -1)
+            idx = (-flat.abs()).topk(k, dim=1).indices  # the most uncertain cells
+            uv = cell_centres(res, idx)
+            d = dis.reshape(dis.shape[0], -1).gather(1, idx) if dis is not None else None
+            new = self.point_logits(feats, frame_to_image(uv, frames), flat.gather(1, idx), d)
+            logits = flat.scatter(1, idx, new).reshape(-1, res, res)
+        return torch.sigmoid(logits)
+
+    def forward(self, images: Sequence[torch.Tensor], targets: Sequence[dict] | None = None) -> dict[str, torch.Tensor]:
+        if targets is None:
+            raise ValueError("the refiner's forward is its training loss: it needs targets")
+        feats = self.image_features(images)
+        losses = []
+        for b, t in enumerate(targets):
+            masks = t["masks"].to(feats.device).bool()
+            keep = masks.flatten(1).any(1)
+            masks = masks[keep]
+            if masks.shape[0] > self.params.max_train_instances:
+                masks = masks[torch.randperm(masks.shape[0])[: self.params.max_train_instances]]
+            if masks.shape[0] == 0:
+                continue
+            losses.append(self._instance_loss(feats[b], masks))
+        if not losses:
+            return {"loss_point": feats.sum() * 0.0}
+        return {"loss_point": torch.stack(losses).mean()}
+
+    def _instance_loss(self, feats: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        p = self.params
+        n, s = masks.shape[0], p.coarse_size
+        boxes = tight_boxes(masks).to(feats.dtype)
+        wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
+        frames = grow(boxes + 0.05 * wh * (torch.rand(boxes.shape, device=boxes.device) * 2 - 1), p.margin)
+        rois = torch.cat([torch.arange(n, device=boxes.device, dtype=boxes.dtype)[:, None], frames], 1)
+        gt_frames = roi_align(masks[:, None].to(feats.dtype), rois, s, 1.0, 2, True)[:, 0]
+        gen = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, (1,))))
+        coarse, dis = degrade(gt_frames.cpu(), gen)
+        coarse, dis = coarse.to(feats.device), dis.to(feats.device)
+        # The paper's point sampling: uncertain candidates by the coarse map, plus uniform ones.
+        n_pts = p.train_points
+        cand = torch.rand((n, int(p.oversample * n_pts), 2), device=feats.device)
+        unc = -(sample_maps(coarse, cand) - 0.5).abs()
+        k_imp = int(round(p.importance * n_pts))
+        top = unc.topk(k_imp, dim=1).indices
+        uv = torch.cat([cand.gather(1, top[..., None].expand(-1, -1, 2)),
+                        torch.rand((n, n_pts - k_imp, 2), device=feats.device)], 1)
+        xy = frame_to_image(uv, frames)
+        h, w = masks.shape[-2:]
+        grid = torch.stack([xy[..., 0] / w * 2 - 1, xy[..., 1] / h * 2 - 1], -1)[:, :, None, :]
+        target = F.grid_sample(masks[:, None].to(feats.dtype), grid, mode="nearest", padding_mode="zeros",
+                               align_corners=False)[:, 0, :, 0]
+        logits = self.point_logits(feats, xy, torch.logit(sample_maps(coarse, uv).clamp(EPS, 1 - EPS)),
+                                   sample_maps(dis, uv))
+        return F.binary_cross_entropy_with_logits(logits, target)
+
+
+def build_network(*, params: PointRendParams, num_classes: int = 1) -> PointRendRefiner:
+    """An untrained refiner (class-agnostic: ``num_classes`` is ignored)."""
+    return PointRendRefiner(params)

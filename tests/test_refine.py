@@ -1,0 +1,123 @@
+"""The PointRend refiner: degradations, subdivision on a known boundary, tiny training."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from segpipe.config import PointRendParams
+from segpipe.refine import degrade as dg
+from segpipe.refine.pointrend import PointRendRefiner, cell_centres, frame_to_image, grow, sample_maps
+
+from conftest import assert_training_reduces_loss, check_loss_backward
+
+TINY = {"channels": [4, 8], "full_res_channels": 2, "context_dilations": [], "feat_channels": 4, "hidden": 8,
+        "train_points": 32, "max_train_instances": 4}
+
+
+def test_morph_shift_and_lowres():
+    f = torch.zeros((1, 9, 9))
+    f[0, 4, 4] = 1.0
+    assert dg.morph(f, 1)[0, 3:6, 3:6].sum() == 9 and dg.morph(f, 1).sum() == 9
+    assert dg.morph(dg.morph(f, 1), -1).sum() == 1
+    moved = dg.shift(f, 2, -1)
+    assert moved[0, 3, 6] == 1 and moved.sum() == 1
+    square = torch.zeros((1, 8, 8))
+    square[0, :4, :4] = 1.0
+    np.testing.assert_allclose(dg.lowres(square, 2)[0, 0, 0], 1.0)  # a 2 x 2 view keeps the quadrant
+    assert 0.0 < float(dg.lowres(square, 2)[0, 3, 3]) < 1.0  # and blurs its edge
+
+
+def test_polygon_of_a_disc_is_close_and_loses_a_ring_hole():
+    s = 28
+    yy, xx = np.mgrid[:s, :s] + 0.5
+    disc = ((xx - 14) ** 2 + (yy - 14) ** 2 <= 10**2).astype(np.float32)
+    poly = dg.polygon(disc, 12)
+    assert np.abs(poly - disc).mean() < 0.05
+    ring = disc * ((xx - 14) ** 2 + (yy - 14) ** 2 > 5**2)
+    assert dg.polygon(ring, 12)[14, 14] > 0.9  # a star-shaped polygon cannot keep the hole
+
+
+def test_degrade_gives_coarse_maps_and_disagreement_of_the_fused_kind():
+    frames = torch.zeros((16, 28, 28))
+    frames[:, 6:22, 8:20] = 1.0
+    gen = torch.Generator().manual_seed(0)
+    coarse, spread = dg.degrade(frames, gen)
+    assert coarse.shape == spread.shape == frames.shape
+    assert float(coarse.min()) >= 0 and float(coarse.max()) <= 1 and float(spread.max()) <= 0.5
+    iou = ((coarse >= 0.5) & (frames >= 0.5)).flatten(1).sum(1) / ((coarse >= 0.5) | (frames >= 0.5)).flatten(1).sum(1)
+    assert float(iou.min()) > 0.4 and float(iou.mean()) < 0.999  # degraded, but still the object
+    assert float(spread.flatten(1).amax(1).max()) > 0  # some fused copies disagree
+
+
+def test_frame_geometry():
+    boxes = torch.tensor([[10.0, 20.0, 30.0, 60.0]])
+    assert grow(boxes, 0.1).tolist() == [[8.0, 16.0, 32.0, 64.0]]
+    uv = cell_centres(4, torch.tensor([[0, 5, 15]]))
+    np.testing.assert_allclose(uv[0].numpy(), [[0.125, 0.125], [0.375, 0.375], [0.875, 0.875]])
+    np.testing.assert_allclose(frame_to_image(uv, boxes)[0, 0].numpy(), [12.5, 25.0])
+    maps = torch.arange(16.0).reshape(1, 4, 4)
+    np.testing.assert_allclose(sample_maps(maps, uv).numpy(), [[0.0, 5.0, 15.0]])
+
+
+class _OracleHead(PointRendRefiner):
+    """The point head replaced by the truth: a disc of radius 30 px about (50, 40) in the image."""
+
+    def point_logits(self, feats, xy, coarse_logit, disagreement):
+        inside = ((xy[..., 0] - 50.0) ** 2 + (xy[..., 1] - 40.0) ** 2) <= 30.0**2
+        return torch.where(inside, 10.0, -10.0)
+
+
+def test_subdivision_recovers_a_known_boundary_from_a_coarse_mask():
+    p = PointRendParams.model_validate(TINY | {"coarse_size": 14, "output_size": 112, "points": 400})
+    net = _OracleHead(p).eval()
+    frame = torch.tensor([[10.0, 0.0, 90.0, 80.0]])  # 80 x 80 px around the disc
+
+    def disc_at(res):
+        c = (torch.arange(res) + 0.5) / res * 80.0
+        y, x = torch.meshgrid(c + 0.0, c + 10.0, indexing="ij")
+        return (((x - 50.0) ** 2 + (y - 40.0) ** 2) <= 30.0**2).float()
+
+    coarse = dg.lowres(disc_at(112)[None], 7)  # [1, 112, 112] blurred
+    coarse = torch.nn.functional.adaptive_avg_pool2d(coarse[None], 14)[0]  # 14 x 14 start
+    refined = net.subdivide(torch.zeros((1, 100, 100)), coarse, frame)
+    assert refined.shape == (1, 112, 112)
+    truth = disc_at(112) >= 0.5
+
+    def iou(a):
+        return float((a & truth).sum() / (a | truth).sum())
+
+    upsampled = torch.nn.functional.interpolate(coarse[None], size=(112, 112), mode="bilinear", align_corners=False)[0]
+    assert iou(refined[0] >= 0.5) > 0.985 > iou(upsampled[0] >= 0.5)
+    # Only uncertain cells are re-predicted: far inside and outside keep the coarse answer.
+    assert float(refined[0, 56, 56]) > 0.99 and float(refined[0, 2, 2]) < 0.01
+
+
+def _batch():
+    rng = np.random.default_rng(0)
+    images = [torch.from_numpy(rng.uniform(size=(3, 40, 48)).astype(np.float32)) for _ in range(2)]
+    m = torch.zeros((2, 40, 48), dtype=torch.uint8)
+    m[0, 5:20, 6:30] = 1
+    m[1, 22:38, 30:46] = 1
+    empty = {"masks": torch.zeros((0, 40, 48), dtype=torch.uint8), "labels": torch.zeros(0, dtype=torch.int64)}
+    return images, [{"masks": m, "labels": torch.tensor([1, 1])}, empty]
+
+
+@pytest.mark.parametrize("extra", [{}, {"use_disagreement": False}])
+def test_tiny_refiner_trains(extra):
+    torch.manual_seed(0)
+    net = PointRendRefiner(PointRendParams.model_validate(TINY | extra)).train()
+    images, targets = _batch()
+    grads = check_loss_backward(net, images, targets, {"loss_point"})
+    assert all(g is not None for g in grads)
+    with pytest.raises(ValueError, match="targets"):
+        net(images)
+
+    class Fixed(PointRendRefiner):  # same degradations and points every step: the loss must fall
+        def forward(self, images, targets=None):
+            torch.manual_seed(1)
+            return super().forward(images, targets)
+
+    torch.manual_seed(0)
+    assert_training_reduces_loss(Fixed(PointRendParams.model_validate(TINY | extra)).train(), images, targets, steps=40)
