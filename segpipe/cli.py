@@ -344,16 +344,29 @@ def models_eval(
     gt: Annotated[str, typer.Option(help="COCO ground truth json (path or URI)")],
     images: Annotated[Optional[str], typer.Option(help="image folder or URI (default: images/ beside the json)")] = None,
     max_dets: Annotated[int, typer.Option()] = 100,
+    base: Annotated[Optional[str], typer.Option(help="refiner cards: the model whose predictions it refines "
+                                                "(default: the one it was validated on)")] = None,
+    boundary: Annotated[bool, typer.Option("--boundary", help="add Boundary AP (always on for refiners)")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
-    """Evaluate one zoo model in-process on a COCO dataset (no Ray)."""
-    from segpipe.evaluation import evaluate, format_table, load_gt, predict_dataset
+    """Evaluate one zoo model in-process on a COCO dataset (no Ray). A refiner (pointrend card)
+    is scored on its base model's predictions, before and after refinement."""
+    from segpipe.evaluation import compare_table, evaluate, evaluate_refiner, format_table, load_gt, predict_dataset
     from segpipe.modeling.zoo import load_adapter
 
     adapter, card = load_adapter(name)
     g = load_gt(gt)
     image_dir = images or (gt.rsplit("/", 1)[0] + "/images" if "/" in gt else "images")
-    stats = evaluate(g, predict_dataset(adapter, g, image_dir), max_dets=max_dets)
+    if card.builder == "pointrend":
+        base_ref = base or ((card.training.config or {}) if card.training else {}).get("refine_base")
+        if not base_ref:
+            _fail("a refiner needs --base: the model whose predictions it refines")
+        base_adapter, base_card = load_adapter(base_ref)
+        before, after = evaluate_refiner(adapter, base_adapter, g, image_dir, max_dets=max_dets)
+        rows = [(base_card.version(), before), (f"{base_card.version()} + {card.version()}", after)]
+        typer.echo(json.dumps([{"result": n, **st} for n, st in rows]) if as_json else compare_table(rows))
+        return
+    stats = evaluate(g, predict_dataset(adapter, g, image_dir), max_dets=max_dets, boundary=boundary)
     stats["model"] = card.version()
     typer.echo(json.dumps(stats) if as_json else f"{card.version()}\n" + format_table(stats))
 

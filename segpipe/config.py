@@ -463,6 +463,8 @@ TRAIN_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
                              "params": {"coord_scale": 16.0, "channels": [16, 32, 64, 128, 256], "classify": "instances",
                                         "split_components": False}},
     ("discloss", "nuclei"): {"iterations": 4000, "crop": 256, "warmup": 200, "params": {"coord_scale": 8.0}},
+    ("pointrend", "shapes"): {"iterations": 3000, "warmup": 200, "refine_base": "maskrcnn-shapes"},
+    ("pointrend", "nuclei"): {"iterations": 3000, "crop": 256, "warmup": 200, "refine_base": "maskrcnn-nuclei"},
     ("rsis", "shapes"): {"iterations": 5000, "crop": 160, "warmup": 200,
                          "params": {"lstm_channels": [64, 32], "max_steps": 16, "classify": "instances"}},
     ("rsis", "nuclei"): {"iterations": 4000, "crop": 128, "warmup": 200,
@@ -476,7 +478,7 @@ class TrainConfig(Strict):
     Fields left unset take the (method, domain) recipe of ``TRAIN_RECIPES`` first, then the
     defaults below."""
 
-    method: Literal["maskrcnn", "polarmask", "spatialemb", "discloss", "rsis"] = "maskrcnn"
+    method: Literal["maskrcnn", "polarmask", "spatialemb", "discloss", "rsis", "pointrend"] = "maskrcnn"
     domain: Literal["shapes", "nuclei"] = "shapes"
     data: str | None = Field(None, description="nuclei: folder or URI with train.json, val.json, images/; "
                                                "default $SEGPIPE_NUCLEI, else ../shared/data/nuclei")
@@ -497,6 +499,8 @@ class TrainConfig(Strict):
     checkpoint_every: int = Field(500, ge=1)
     threads: int | None = Field(None, ge=1)
     params: dict[str, Any] = Field(default_factory=dict, description="architecture overrides")
+    refine_base: str | None = Field(None, description="pointrend: the zoo model whose val predictions the refiner is "
+                                    "scored on (default <maskrcnn>-<domain>)")
 
     @model_validator(mode="before")
     @classmethod

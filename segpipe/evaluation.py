@@ -203,8 +203,11 @@ def format_table(stats: dict) -> str:
     return "\n".join(lines)
 
 
-def predict_dataset(adapter, gt: COCO, image_dir: str | Path, *, batch_size: int = 4) -> list[dict]:
-    """Run an adapter in-process over every gt image (``image_dir`` a path or URI); no Ray."""
+def predict_dataset(adapter, gt: COCO, image_dir: str | Path, *, batch_size: int = 4, refiner=None,
+                    unrefined: list[dict] | None = None) -> list[dict]:
+    """Run an adapter in-process over every gt image (``image_dir`` a path or URI); no Ray.
+    With a ``refiner`` (``segpipe.refine.refiner.Refiner``) its refined instances are returned
+    and the adapter's own results appended to ``unrefined`` when given."""
     from PIL import Image
 
     from segpipe.io.fs import resolve
@@ -220,9 +223,21 @@ def predict_dataset(adapter, gt: COCO, image_dir: str | Path, *, batch_size: int
     for s in range(0, len(infos), batch_size):
         chunk = infos[s : s + batch_size]
         imgs = [read(im["file_name"]) for im in chunk]
-        for im, inst in zip(chunk, adapter.predict(imgs)):
+        for im, img, inst in zip(chunk, imgs, adapter.predict(imgs)):
+            if refiner is not None:
+                if unrefined is not None:
+                    unrefined.extend(instances_to_results(im["id"], inst))
+                inst = refiner.refine(img, inst)
             results.extend(instances_to_results(im["id"], inst))
     return results
+
+
+def evaluate_refiner(refiner, base, gt: COCO, image_dir: str | Path, *, max_dets: int = 100) -> tuple[dict, dict]:
+    """Score ``base``'s predictions on ``gt`` before and after ``refiner`` -> (base stats,
+    refined stats), both with Boundary AP."""
+    before: list[dict] = []
+    after = predict_dataset(base, gt, image_dir, refiner=refiner, unrefined=before)
+    return evaluate(gt, before, max_dets=max_dets, boundary=True), evaluate(gt, after, max_dets=max_dets, boundary=True)
 
 
 def output_results(output_uri: str, *, table: str = "instances", source: str | None = None) -> tuple[list[dict], list[dict]]:

@@ -88,6 +88,8 @@ def make_polar_card(folder: Path, name: str = "tiny-polarmask", categories: list
 
 TINY_EMBED_PARAMS = {"channels": [4, 8, 8], "full_res_channels": 2, "context_dilations": [2],
                      "fg_thresh": 0.05, "min_pixels": 4, "max_instances": 50}
+TINY_POINTREND_PARAMS = {"channels": [4, 8], "full_res_channels": 2, "context_dilations": [], "feat_channels": 4, "hidden": 8,
+                         "train_points": 32, "max_train_instances": 4, "output_size": 56, "points": 64}
 TINY_RSIS_PARAMS = {"channels": [4, 8, 8], "full_res_channels": 2, "context_dilations": [2], "lstm_channels": [8, 4],
                     "max_steps": 6, "min_pixels": 2}
 

@@ -21,7 +21,7 @@ from segpipe.data.coco import CocoInstances
 from segpipe.train.domains import nuclei_root
 from segpipe.train.loop import train
 
-from conftest import REPO, TINY_EMBED_PARAMS, TINY_PARAMS, TINY_POLAR_PARAMS, TINY_RSIS_PARAMS
+from conftest import REPO, TINY_EMBED_PARAMS, TINY_PARAMS, TINY_POINTREND_PARAMS, TINY_POLAR_PARAMS, TINY_RSIS_PARAMS
 
 SAMPLE = REPO / "workflows" / "samples" / "nuclei"
 
@@ -93,7 +93,7 @@ def _mini_nuclei(tmp_path: Path, n_train: int = 3, n_val: int = 2) -> Path:
 
 @pytest.mark.parametrize("method, params", [("polarmask", TINY_POLAR_PARAMS), ("maskrcnn", TINY_PARAMS | {"resize": False}),
                                             ("spatialemb", TINY_EMBED_PARAMS), ("discloss", TINY_EMBED_PARAMS),
-                                            ("rsis", TINY_RSIS_PARAMS)])
+                                            ("rsis", TINY_RSIS_PARAMS), ("pointrend", TINY_POINTREND_PARAMS)])
 def test_train_on_nuclei_from_a_uri_writes_a_card(tmp_path, method, params):
     root = _mini_nuclei(tmp_path)
     cfg = TrainConfig(method=method, domain="nuclei", data=root.as_uri(), iterations=2, batch_size=2, crop=64, warmup=1,
@@ -106,6 +106,10 @@ def test_train_on_nuclei_from_a_uri_writes_a_card(tmp_path, method, params):
     assert card["metrics"][0]["values"]["maxDets"] == 1000
     assert "nuclei val" in card["metrics"][0]["split"] and "--max-dets 1000" in card["metrics"][0]["command"]
     assert "256" not in card["training"]["data"]["augmentation"] and "64x64 crops" in card["training"]["data"]["augmentation"]
+    if method == "pointrend":  # scored on its base model's val predictions, before and after, with Boundary AP
+        assert [m["split"].rsplit(" ", 1)[-1] for m in card["metrics"]] == ["unrefined", "refined"]
+        assert "maskrcnn-nuclei@" in card["metrics"][1]["split"] and "--base maskrcnn-nuclei" in card["metrics"][1]["command"]
+        assert all("BoundaryAP" in m["values"] for m in card["metrics"])
 
 
 def test_nuclei_recipe_defaults_and_overrides():

@@ -10,10 +10,9 @@ from segpipe.config import PointRendParams
 from segpipe.refine import degrade as dg
 from segpipe.refine.pointrend import PointRendRefiner, cell_centres, frame_to_image, grow, sample_maps
 
-from conftest import assert_training_reduces_loss, check_loss_backward
+from conftest import TINY_POINTREND_PARAMS, assert_training_reduces_loss, check_loss_backward
 
-TINY = {"channels": [4, 8], "full_res_channels": 2, "context_dilations": [], "feat_channels": 4, "hidden": 8,
-        "train_points": 32, "max_train_instances": 4}
+TINY = TINY_POINTREND_PARAMS | {"output_size": 112, "points": 256}
 
 
 def test_morph_shift_and_lowres():
@@ -121,3 +120,60 @@ def test_tiny_refiner_trains(extra):
 
     torch.manual_seed(0)
     assert_training_reduces_loss(Fixed(PointRendParams.model_validate(TINY | extra)).train(), images, targets, steps=40)
+
+
+def test_refiner_on_instances_keeps_rows_and_fits_the_contract(tmp_path):
+    """Untrained weights through the zoo: every instance comes back (same scores and labels,
+    in order) with a non-empty mask inside the image, a tight box and a soft mask."""
+    import yaml
+
+    from segpipe.modeling.zoo import load_adapter, save_weights
+    from segpipe.ops import masks as mask_ops
+    from segpipe.structures import Instances
+
+    p = PointRendParams.model_validate(TINY | {"output_size": 56, "points": 64})
+    torch.manual_seed(0)
+    digest = save_weights(PointRendRefiner(p), tmp_path / "weights.safetensors")
+    card = {"name": "tiny-pointrend", "family": "refinement", "paper": "test fixture", "builder": "pointrend",
+            "params": p.model_dump(mode="json"), "categories": [{"id": 1, "name": "x"}],
+            "weights": {"file": "weights.safetensors", "sha256": digest, "format": "safetensors", "dtype": "float16"}}
+    (tmp_path / "card.yaml").write_text(yaml.safe_dump(card))
+    refiner, _ = load_adapter(str(tmp_path / "card.yaml"))
+    h, w = 50, 60
+    m = np.zeros((3, h, w), np.uint8)
+    m[0, 5:25, 5:30] = 1
+    m[1, 30:50, 40:60] = 1  # touches the image corner: the frame leaves the image
+    m[2, 10:13, 50:53] = 1  # tiny
+    boxes = np.array([[5, 5, 30, 25], [40, 30, 60, 50], [50, 10, 53, 13]], np.float32)
+    probs = np.stack([mask_ops.crop_to_box_frame(mk.astype(np.float32), b, 28) for mk, b in zip(m, boxes)])
+    for soft in (True, False):
+        inst = Instances(height=h, width=w, boxes=boxes, scores=np.array([0.9, 0.8, 0.7], np.float32),
+                         labels=np.array([1, 1, 1]), masks=mask_ops.encode(m),
+                         mask_probs=probs.astype(np.float16) if soft else None)
+        image = np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+        out = refiner.refine(image, inst)
+        assert len(out) == 3 and out.scores.tolist() == inst.scores.tolist() and out.labels.tolist() == [1, 1, 1]
+        assert np.all(mask_ops.area(out.masks) > 0)
+        xywh = mask_ops.to_bbox(out.masks)
+        np.testing.assert_allclose(out.boxes, np.c_[xywh[:, :2], xywh[:, :2] + xywh[:, 2:]])
+        assert out.mask_probs.shape == (3, 28, 28) and out.mask_probs.dtype == np.float16
+        # Each refined mask stays around its instance (the frame is the box grown by 10%).
+        assert np.all(mask_ops.iou(out.masks, inst.masks).diagonal() > 0)
+
+
+def test_coarse_in_frames_reproduces_a_mask_from_its_soft_mask_and_from_its_rle():
+    from segpipe.ops import masks as mask_ops
+    from segpipe.refine.refiner import coarse_in_frames
+    from segpipe.structures import Instances
+
+    m = np.zeros((1, 40, 40), np.uint8)
+    m[0, 10:30, 8:36] = 1
+    box = np.array([[8, 10, 36, 30]], np.float32)
+    frame = np.array([[4.0, 6.0, 40.0, 34.0]], np.float32)  # 36 x 28 px: 28 cells -> 1.29 x 1 px per cell
+    probs = mask_ops.crop_to_box_frame(m[0].astype(np.float32), box[0], 28)[None].astype(np.float16)
+    want = mask_ops.crop_to_box_frame(m[0].astype(np.float32), frame[0], 28)
+    for p in (probs, None):
+        inst = Instances(height=40, width=40, boxes=box, scores=np.ones(1, np.float32), labels=np.ones(1, np.int64),
+                         masks=mask_ops.encode(m), mask_probs=p)
+        got = coarse_in_frames(inst, frame, 28)[0]
+        assert np.abs((got >= 0.5) != (want >= 0.5)).mean() < 0.02

@@ -5,3 +5,4 @@ from segpipe.modeling import polarmask  # noqa: F401
 from segpipe.modeling import spatialemb  # noqa: F401
 from segpipe.modeling import discloss  # noqa: F401
 from segpipe.modeling import rsis  # noqa: F401
+from segpipe.refine import refiner  # noqa: F401

@@ -140,20 +140,40 @@ def write_entry(cfg: TrainConfig, net: torch.nn.Module, out: Path, data: DomainD
     adapter, _ = load_adapter(str(out / "card.yaml"))
     gt = load_gt(data.val_ann)
     t = time.time()
-    stats = evaluate(gt, predict_dataset(adapter, gt, data.val_images), max_dets=data.max_dets)
-    log(f"validation ({time.time() - t:.0f}s): AP={stats['AP']:.3f} AP50={stats['AP50']:.3f} AP75={stats['AP75']:.3f}")
-    card.metrics = [
-        MetricsRecord(
-            split=data.val_split,
-            command=data.eval_command,
-            values={k: round(float(stats[k]), 4) for k in ["AP", "AP50", "AP75", "APs", "APm", "APl", "ARmax"]}
-            | {f"AP[{k}]": round(v, 4) for k, v in stats["per_category"].items()} | {"maxDets": data.max_dets},
-        )
-    ]
+    if cfg.method == "pointrend":
+        card.metrics = _refiner_metrics(cfg, adapter, gt, data, log)
+    else:
+        stats = evaluate(gt, predict_dataset(adapter, gt, data.val_images), max_dets=data.max_dets)
+        log(f"validation ({time.time() - t:.0f}s): AP={stats['AP']:.3f} AP50={stats['AP50']:.3f} AP75={stats['AP75']:.3f}")
+        card.metrics = [MetricsRecord(split=data.val_split, command=data.eval_command, values=_values(stats, data.max_dets))]
     card = ModelCard.model_validate(card.model_dump())
     (out / "card.yaml").write_text(yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False))
     log(f"wrote {out / 'card.yaml'} ({card.version()})")
     return out / "card.yaml"
+
+
+def _values(stats: dict, max_dets: int) -> dict:
+    keys = ["AP", "AP50", "AP75", "APs", "APm", "APl", "ARmax", "BoundaryAP", "BoundaryAP50", "BoundaryAP75"]
+    return ({k: round(float(stats[k]), 4) for k in keys if k in stats}
+            | {f"AP[{k}]": round(v, 4) for k, v in stats["per_category"].items()} | {"maxDets": max_dets})
+
+
+def _refiner_metrics(cfg: TrainConfig, refiner, gt, data: DomainData, log: Log) -> list[MetricsRecord]:
+    """A refiner's card metrics: its base model's val predictions scored before and after it."""
+    from segpipe.evaluation import evaluate_refiner
+    from segpipe.modeling.zoo import load_adapter
+
+    base_name = cfg.refine_base or f"maskrcnn-{cfg.domain}"
+    base, base_card = load_adapter(base_name)
+    t = time.time()
+    before, after = evaluate_refiner(refiner, base, gt, data.val_images, max_dets=data.max_dets)
+    log(f"validation ({time.time() - t:.0f}s) on {base_card.version()}: AP {before['AP']:.3f} -> {after['AP']:.3f}, "
+        f"AP75 {before['AP75']:.3f} -> {after['AP75']:.3f}, Boundary AP {before['BoundaryAP']:.3f} -> {after['BoundaryAP']:.3f}")
+    command = data.eval_command.replace(f"models eval {cfg.model_name}", f"models eval {cfg.model_name} --base {base_name}")
+    return [MetricsRecord(split=f"{data.val_split}; {base_card.version()} unrefined", command=command,
+                          values=_values(before, data.max_dets)),
+            MetricsRecord(split=f"{data.val_split}; {base_card.version()} refined", command=command,
+                          values=_values(after, data.max_dets))]
 
 
 def _tee(log: Log, path: Path) -> Log:

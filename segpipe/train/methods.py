@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from pydantic import BaseModel
 
-from segpipe.config import DiscLossParams, MaskRCNNParams, PolarMaskParams, RSISParams, SpatialEmbParams
+from segpipe.config import DiscLossParams, MaskRCNNParams, PointRendParams, PolarMaskParams, RSISParams, SpatialEmbParams
 
 
 @dataclass(frozen=True)
@@ -50,6 +50,12 @@ def _rsis(**kw):
     return build_network(**kw)
 
 
+def _pointrend(**kw):
+    from segpipe.refine.pointrend import build_network
+
+    return build_network(**kw)
+
+
 METHODS: dict[str, MethodSpec] = {
     "maskrcnn": MethodSpec(MaskRCNNParams, _maskrcnn, "maskrcnn", "detection",
                            "Mask R-CNN, He, Gkioxari, Dollar, Girshick, ICCV 2017 (arXiv:1703.06870)"),
@@ -65,4 +71,7 @@ METHODS: dict[str, MethodSpec] = {
     "rsis": MethodSpec(RSISParams, _rsis, "rsis", "recurrent",
                        "Recurrent Neural Networks for Semantic Instance Segmentation, Salvador, Bellver, Campos, Baradad, "
                        "Marques, Torres, Giro-i-Nieto, 2017 (arXiv:1712.00617)"),
+    "pointrend": MethodSpec(PointRendParams, _pointrend, "pointrend", "refinement",
+                            "PointRend: Image Segmentation as Rendering, Kirillov, Wu, He, Girshick, CVPR 2020 "
+                            "(arXiv:1912.08193); model-agnostic: its own feature network"),
 }
