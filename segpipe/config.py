@@ -100,6 +100,17 @@ class PipelineConfig(Strict):
     max_error_rate: float = Field(1.0, ge=0, le=1, description="fail the run above this fraction of errored images")
 
 
+class RefineConfig(Strict):
+    """The refinement stage: a refiner card (e.g. pointrend-nuclei) applied to what fills
+    instances/ (the ensemble's instances, else the primary model's), in its own actor pool."""
+
+    model: str = Field(description="refiner zoo name or card path")
+    num_cpus: float = Field(1.0, gt=0)
+    num_gpus: float | Literal["auto"] = Field("auto", description="'auto' = 1 when a GPU is visible, else 0")
+    concurrency: int = Field(1, ge=1)
+    batch_size: int = Field(4, ge=1)
+
+
 class EvalConfig(Strict):
     gt: str | None = Field(None, description="COCO ground truth json to score the run against")
     max_dets: int = Field(100, ge=1)
@@ -115,6 +126,7 @@ class WorkflowConfig(Strict):
     output: OutputConfig
     ensemble: EnsembleConfig | None = Field(None, description="fuse the models' instances; instances/ then holds the "
                                             "fused ones (source 'ensemble')")
+    refine: RefineConfig | None = Field(None, description="refine the masks that fill instances/")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
 

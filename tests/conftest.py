@@ -192,3 +192,22 @@ def check_nonoverlapping_output(adapter, label_ids: set[int], min_area: int = 1)
             assert inst.mask_probs.shape == (len(inst), 28, 28) and inst.mask_probs.dtype == np.float16
             assert float(inst.mask_probs.max()) <= 1.0 and float(inst.mask_probs.min()) >= 0.0
     return out
+
+
+def make_pointrend_card(folder: Path, name: str = "tiny-pointrend", seed: int = 0) -> Path:
+    """Write an untrained tiny refiner zoo entry (builder pointrend)."""
+    import torch
+
+    from segpipe.config import PointRendParams
+    from segpipe.modeling.zoo import save_weights
+    from segpipe.refine.pointrend import PointRendRefiner
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    p = PointRendParams.model_validate(TINY_POINTREND_PARAMS)
+    digest = save_weights(PointRendRefiner(p), folder / "weights.safetensors")
+    card = {"name": name, "family": "refinement", "paper": "PointRend (test fixture, untrained)", "builder": "pointrend",
+            "params": p.model_dump(mode="json"), "categories": [{"id": 1, "name": "any"}],
+            "weights": {"file": "weights.safetensors", "sha256": digest, "format": "safetensors", "dtype": "float16"}}
+    (folder / "card.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
+    return folder / "card.yaml"

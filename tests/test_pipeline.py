@@ -280,3 +280,42 @@ def test_ensemble_of_two_zoo_models_fills_instances_with_fused_rows(ray_local, s
     assert all(0.0 <= t["BoundaryAP"] <= t["AP"] + 1e-9 for t in table)  # min(mask, boundary IoU) never matches more
     text = runner.invoke(app, ["eval", "--pred", str(out), "--gt", str(shapes_data / "annotations.json"), "--each-model"])
     assert text.exit_code == 0 and "polarmask-shapes" in text.output and "BoundaryAP" not in text.output
+
+
+def test_ensemble_then_refine_stage_marks_rows_and_provenance(ray_local, tiny_card, shapes_data, tmp_path):
+    from conftest import make_pointrend_card, make_polar_card
+
+    from segpipe.config import WorkflowConfig
+
+    polar = make_polar_card(tmp_path / "zoo" / "tiny-polarmask")
+    refiner = make_pointrend_card(tmp_path / "zoo" / "tiny-pointrend")
+    out = tmp_path / "out"
+    data = _two_model_cfg(tiny_card, polar, shapes_data, out).model_dump(mode="json")
+    data["models"][0]["num_cpus"] = data["models"][1]["num_cpus"] = 0.5  # 2 CPUs: leave room for read and fuse tasks
+    data["ensemble"] = {"method": "vote", "quorum": 0.5}
+    data["refine"] = {"model": str(refiner), "num_cpus": 0.4, "batch_size": 2}
+    result = run_workflow(WorkflowConfig.model_validate(data), run_id="refined", progress=lambda m: None)
+    assert result.status == "complete" and result.counts["ok"] == 6 and result.counts["errors"] == 2
+    manifest = json.loads((out / "_segpipe" / "run.json").read_text())
+    version = manifest["refiner"]["version"]
+    assert version.startswith("tiny-pointrend@") and manifest["outputs"]["refined_by"] == version
+    assert "refine" in manifest["timings_ms"]
+    inst = read_committed(str(out), "instances").to_pylist()
+    assert inst and all(r["refined_by"] == version and version in r["model_versions"] for r in inst)
+    assert all(r["source"] == "ensemble" and r["area"] > 0 for r in inst)
+    preds = read_committed(str(out), "predictions").to_pylist()
+    assert all(r["refined_by"] is None for r in preds)  # raw predictions stay unrefined
+    data["refine"] = {"model": str(polar)}  # not a refiner: refused before any work
+    from segpipe.pipeline.run import WorkflowError
+
+    with pytest.raises(WorkflowError, match="refine.model"):
+        run_workflow(WorkflowConfig.model_validate(data | {"output": data["output"] | {"uri": str(tmp_path / "o2")}}),
+                     progress=lambda m: None)
+
+
+def test_actor_pools_that_starve_the_read_tasks_are_refused(ray_local, tiny_card, shapes_data, tmp_path):
+    from segpipe.pipeline.run import WorkflowError
+
+    cfg = _cfg(tiny_card, shapes_data, tmp_path / "out", **{"models.0.num_cpus": 2, "pipeline.read_num_cpus": 0.5})
+    with pytest.raises(WorkflowError, match="num_cpus"):
+        run_workflow(cfg, run_id="starved", progress=lambda m: None)

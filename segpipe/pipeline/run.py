@@ -53,17 +53,29 @@ class _Model:
     version: str
 
 
-def _load_models(cfg: WorkflowConfig) -> list[_Model]:
-    """Resolve every card and verify its weights on the driver: a bad zoo entry fails before Ray starts."""
+def _verified(ref: str) -> _Model:
+    """Resolve a card and verify its weights on the driver: a bad zoo entry fails before Ray starts."""
     from segpipe.modeling.zoo import load_card, sha256_file, weights_path, WeightsError
 
-    out = []
-    for m in cfg.models:
-        card, path = load_card(m.model)
-        w = weights_path(card, path)
-        if not w.is_file() or sha256_file(w) != card.weights.sha256:
-            raise WeightsError(f"model {card.name}: weights {w} missing or not matching the card's sha256")
-        out.append(_Model(ref=str(path), card=card, version=card.version()))
+    card, path = load_card(ref)
+    w = weights_path(card, path)
+    if not w.is_file() or sha256_file(w) != card.weights.sha256:
+        raise WeightsError(f"model {card.name}: weights {w} missing or not matching the card's sha256")
+    return _Model(ref=str(path), card=card, version=card.version())
+
+
+def _load_refiner(cfg: WorkflowConfig) -> _Model | None:
+    if cfg.refine is None:
+        return None
+    r = _verified(cfg.refine.model)
+    if r.card.builder != "pointrend":
+        raise WorkflowError(f"refine.model: {r.card.name} is a {r.card.builder} model, not a refiner (pointrend)")
+    return r
+
+
+def _load_models(cfg: WorkflowConfig) -> list[_Model]:
+    """Every model stage's card, verified (see ``_verified``); they must share one category set."""
+    out = [_verified(m.model) for m in cfg.models]
     names = [m.card.name for m in out]
     if len(set(names)) != len(names):
         raise WorkflowError(f"models: two stages load cards with the same name ({names})")
@@ -115,6 +127,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
     run_id = run_id or new_run_id()
     models = _load_models(cfg)
     primary = _primary(cfg, models)
+    refiner = _load_refiner(cfg)
     files = list_source(cfg.source.uri, patterns=cfg.source.patterns, recursive=cfg.source.recursive,
                         max_images=cfg.source.max_images, shard_size=cfg.source.shard_size)
     if not files:
@@ -129,16 +142,19 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
     progress(f"run {run_id}: {len(files)} images in {n_shards} shards from {cfg.source.uri}"
              + (f" ({len(committed)} shards already committed, resuming)" if committed else ""))
     source = "ensemble" if cfg.ensemble is not None else primary.card.name
-    progress("models: " + ", ".join(m.version for m in models) + (f" (instances/ from {source})" if len(models) > 1 else ""))
+    progress("models: " + ", ".join(m.version for m in models) + (f" (instances/ from {source})" if len(models) > 1 else "")
+             + (f", refined by {refiner.version}" if refiner else ""))
 
     started_ray = _init_ray(cfg)
     try:
         has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        if cfg.pipeline.ray_address is None:
+            _check_cpus(cfg, float(ray.cluster_resources().get("CPU", 0)))
         device_kind = "cuda" if has_gpu else "cpu"
         stage_ms: dict[str, float] = defaultdict(float)
         if todo:
-            ds = _build_dataset(cfg, models, todo, has_gpu)
-            _consume(cfg, ds, writer, run_id, models, primary, expected, stage_ms, progress, t0)
+            ds = _build_dataset(cfg, models, todo, has_gpu, refiner, source)
+            _consume(cfg, ds, writer, run_id, models, primary, refiner, expected, stage_ms, progress, t0)
     except BaseException:
         writer.abort()
         raise
@@ -185,6 +201,8 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
         "code": code(),
         "environment": environment(device_kind),
         "models": [{"name": m.card.name, "version": m.version, "card": m.card.model_dump(mode="json")} for m in models],
+        "refiner": {"name": refiner.card.name, "version": refiner.version, "card": refiner.card.model_dump(mode="json")}
+        if refiner else None,
         "input": {"uri": cfg.source.uri, "n_files": len(files), "fingerprint": fingerprint(files), "n_shards": n_shards},
         "counts": counts,
         "timings_ms": {k: round(v, 1) for k, v in stage_ms.items()},
@@ -192,6 +210,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
         "shards": sorted(markers),
         "resumed_shards": sorted(committed),
         "outputs": {"tables": ["instances", "predictions", "images", "errors"], "instances_source": source,
+                    "refined_by": refiner.version if refiner else None,
                     "coco": "coco/instances.json" if coco_counts else None},
         "eval": eval_stats,
     }
@@ -210,10 +229,27 @@ def _totals(markers: dict[int, dict]) -> dict:
     return out
 
 
-def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceFile], has_gpu: bool):
+def _check_cpus(cfg: WorkflowConfig, available: float) -> None:
+    """On an embedded Ray, actor pools hold their CPUs for the whole run: if they leave no room
+    for a read task or a fusion task, the stream would wait forever. Fail instead."""
+    pools = sum(m.num_cpus * m.concurrency for m in cfg.models)
+    if cfg.refine is not None:
+        pools += cfg.refine.num_cpus * cfg.refine.concurrency
+    task = max(cfg.pipeline.read_num_cpus, cfg.pipeline.ensemble_num_cpus if cfg.ensemble is not None else 0.0)
+    if pools + task > available + 1e-9:
+        raise WorkflowError(f"models.*.num_cpus: the actor pools hold {pools:g} CPUs and a read or fuse task needs "
+                            f"{task:g} more, but this Ray has {available:g}; lower num_cpus or concurrency")
+
+
+def _gpus(setting, has_gpu: bool) -> float:
+    return (1.0 if has_gpu else 0.0) if setting == "auto" else float(setting)
+
+
+def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceFile], has_gpu: bool,
+                   refiner: _Model | None, source: str):
     import ray
 
-    from segpipe.pipeline.stages import ModelStage, fuse_batch, read_decode
+    from segpipe.pipeline.stages import ModelStage, RefineStage, fuse_batch, read_decode
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
@@ -231,8 +267,7 @@ def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceF
         batch_format="numpy",
     )
     for k, (stage_cfg, m) in enumerate(zip(cfg.models, models)):
-        gpus = stage_cfg.num_gpus
-        n_gpus = (1.0 if has_gpu else 0.0) if gpus == "auto" else float(gpus)
+        n_gpus = _gpus(stage_cfg.num_gpus, has_gpu)
         ds = ds.map_batches(
             ModelStage,
             fn_constructor_kwargs={
@@ -241,7 +276,7 @@ def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceF
                 "use_gpu": n_gpus > 0,
                 "num_threads": int(stage_cfg.num_cpus),
                 "score_threshold": stage_cfg.score_threshold,
-                "keep_image": k < len(models) - 1,
+                "keep_image": k < len(models) - 1 or refiner is not None,  # the refiner reads the image
             },
             compute=ray.data.ActorPoolStrategy(size=stage_cfg.concurrency),
             batch_size=stage_cfg.batch_size,
@@ -257,10 +292,23 @@ def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceF
             num_cpus=cfg.pipeline.ensemble_num_cpus,
             batch_format="numpy",
         )
+    if refiner is not None:
+        rc = cfg.refine
+        n_gpus = _gpus(rc.num_gpus, has_gpu)
+        ds = ds.map_batches(
+            RefineStage,
+            fn_constructor_kwargs={"model_ref": refiner.ref, "source": source, "use_gpu": n_gpus > 0,
+                                   "num_threads": int(rc.num_cpus)},
+            compute=ray.data.ActorPoolStrategy(size=rc.concurrency),
+            batch_size=rc.batch_size,
+            num_cpus=rc.num_cpus,
+            num_gpus=n_gpus,
+            batch_format="numpy",
+        )
     return ds
 
 
-def _consume(cfg, ds, writer, run_id, models, primary, expected, stage_ms, progress, t0) -> None:
+def _consume(cfg, ds, writer, run_id, models, primary, refiner, expected, stage_ms, progress, t0) -> None:
     """Drain the stream; commit each shard when its last row arrives. Every model's instances go
     to predictions/; instances/ gets the ensemble's (with ``cfg.ensemble``) or the primary model's,
     filtered by the output thresholds."""
@@ -283,6 +331,8 @@ def _consume(cfg, ds, writer, run_id, models, primary, expected, stage_ms, progr
             stage_ms[m.card.name] += float(row[f"ms:{m.card.name}"])
         if cfg.ensemble is not None:
             stage_ms["ensemble"] += float(row["ms:ensemble"])
+        if refiner is not None:
+            stage_ms["refine"] += float(row["ms:refine"])
         if ok:
             for m in models:
                 inst = Instances.from_bytes(row[f"pred:{m.card.name}"])
@@ -291,16 +341,26 @@ def _consume(cfg, ds, writer, run_id, models, primary, expected, stage_ms, progr
                                      min_score=cfg.output.min_score)
                 tables["predictions"].extend(rows)
                 if m is primary and cfg.ensemble is None:
+                    if refiner is not None:
+                        rows = instance_rows(Instances.from_bytes(row["pred:refined"]), run_id=run_id, image_id=int(row["image_id"]),
+                                             image_uri=row["uri"], model=m.card.name, model_version=m.version,
+                                             category_names=names, min_score=cfg.output.min_score)
                     kept = [r for r in rows if r["confidence"] >= cfg.output.min_confidence]
                     tables["instances"].extend(kept)
                     n_inst = len(kept)
             if cfg.ensemble is not None:
                 fused = decode_fused(row["pred:ensemble"], row["meta:ensemble"])
+                if refiner is not None:  # members' IoUs stay those to the fused mask before refinement
+                    fused.instances = Instances.from_bytes(row["pred:refined"])
                 rows = ensemble_rows(fused, run_id=run_id, image_id=int(row["image_id"]), image_uri=row["uri"],
                                      category_names=names, min_score=cfg.output.min_score,
                                      min_confidence=cfg.output.min_confidence, min_votes=cfg.output.min_votes)
                 tables["instances"].extend(rows)
                 n_inst = len(rows)
+            if refiner is not None:
+                for r in tables["instances"][len(tables["instances"]) - n_inst:]:
+                    r["refined_by"] = refiner.version
+                    r["model_versions"] = sorted(set(r["model_versions"]) | {refiner.version})
         else:
             tables["errors"].append({"run_id": run_id, "image_id": int(row["image_id"]), "uri": row["uri"],
                                      "stage": row["error_stage"], "error_type": row["error_type"], "message": row["error_message"]})

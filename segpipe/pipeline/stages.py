@@ -146,3 +146,43 @@ def fuse_batch(batch: dict[str, np.ndarray], *, models: list[list[str]], config:
     out["meta:ensemble"] = np.asarray(metas, dtype=object)
     out["ms:ensemble"] = ms
     return out
+
+
+class RefineStage:
+    """An actor hosting a refiner (a pointrend card): refines the instances in ``pred:<source>``
+    (the ensemble's or the primary model's) into ``pred:refined`` and drops the image column.
+    A refinement that fails on an image turns that row into an error record, as a model would."""
+
+    def __init__(self, *, model_ref: str, source: str, use_gpu: bool, num_threads: int, zoo_dir: str | None = None) -> None:
+        import torch
+
+        from segpipe.modeling.zoo import DEFAULT_ZOO, load_adapter
+
+        torch.set_num_threads(max(1, num_threads))
+        device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
+        self.refiner, self.card = load_adapter(model_ref, device=device, zoo=DEFAULT_ZOO if zoo_dir is None else Path(zoo_dir))
+        self.source = source
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        from segpipe.structures import Instances
+
+        n = len(batch["uri"])
+        preds, ms = [b""] * n, np.zeros(n, np.float64)
+        e_stage, e_type, e_msg = list(batch["error_stage"]), list(batch["error_type"]), list(batch["error_message"])
+        for i in range(n):
+            if e_type[i]:
+                continue
+            t = time.perf_counter()
+            try:
+                inst = Instances.from_bytes(batch[f"pred:{self.source}"][i])
+                preds[i] = self.refiner.refine(batch["image"][i], inst).to_bytes()
+            except Exception as e:  # noqa: BLE001 - isolate the failing image
+                e_stage[i], e_type[i], e_msg[i] = f"refine:{self.card.name}", type(e).__name__, str(e)[:2000]
+            ms[i] = (time.perf_counter() - t) * 1000
+        out = {k: batch[k] for k in batch if k != "image"}
+        out["pred:refined"] = _object_array(preds)
+        out["ms:refine"] = ms
+        out["error_stage"] = np.asarray(e_stage, dtype=object)
+        out["error_type"] = np.asarray(e_type, dtype=object)
+        out["error_message"] = np.asarray(e_msg, dtype=object)
+        return out
