@@ -138,3 +138,17 @@ def test_a_model_without_instances_and_bad_inputs():
         fuse_image([], EnsembleConfig())
     with pytest.raises(ValueError, match="weights"):
         EnsembleConfig(weights={"a": 0.0})
+
+
+def test_spread_is_the_members_disagreement_and_survives_serialisation():
+    from segpipe.ensemble.fuse import decode_fused, encode_fused
+
+    big, small = _rect(10, 8, 38, 36), _rect(10, 8, 30, 36)
+    fused = fuse_image([_out("a", [big], [0.8]), _out("b", [small], [0.8])], EnsembleConfig())
+    spread = fused.spread[0].astype(np.float32)  # fused box = big: columns 30..37 are the last 8 of 28 cells
+    assert spread.shape == (SOFT_MASK_SIZE, SOFT_MASK_SIZE)
+    assert float(spread[14, 2:18].max()) < 0.05 and float(spread[14, 22:].min()) > 0.45  # std of {0, 1} = 0.5
+    back = decode_fused(*encode_fused(fused))
+    np.testing.assert_array_equal(back.spread, fused.spread)
+    assert back.members == fused.members and back.agreement == fused.agreement
+    np.testing.assert_array_equal(back.instances.mask_probs, fused.instances.mask_probs)

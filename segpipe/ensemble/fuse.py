@@ -15,7 +15,8 @@ Each fused instance: score = sum(weight x score over members) / total weight of 
 model that found nothing counts as 0); members (model, version, score, IoU to the fused mask);
 n_votes = members; agreement = mean pairwise mask IoU of the members (None for one);
 confidence = score x agreement (x 1 for one member); the box-frame soft mask is the fused
-probability map sampled into the fused box.
+probability map sampled into the fused box, and ``spread`` the members' disagreement (the std
+of their probability maps) in the same frame, for the refiner.
 """
 
 from __future__ import annotations
@@ -60,22 +61,28 @@ class Fused:
     n_votes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
     agreement: list[float | None] = field(default_factory=list)
     confidence: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    spread: np.ndarray | None = None  # float16 [N, S, S]: std of the members' probabilities in the fused box frame
 
 
 def encode_fused(fused: Fused) -> tuple[bytes, str]:
     """-> (``Instances.to_bytes()``, JSON of the per-instance members, votes, agreement and
     confidence): plain columns for passing a Fused between pipeline stages (no pickle)."""
     meta = {"members": [[asdict(m) for m in ms] for ms in fused.members], "n_votes": fused.n_votes.tolist(),
-            "agreement": fused.agreement, "confidence": fused.confidence.tolist()}
+            "agreement": fused.agreement, "confidence": fused.confidence.tolist(),
+            "spread": None if fused.spread is None else fused.spread.astype(np.float16).tobytes().hex()}
     return fused.instances.to_bytes(), json.dumps(meta)
 
 
 def decode_fused(data: bytes, meta: str) -> Fused:
     """Inverse of ``encode_fused``."""
     m = json.loads(meta)
-    return Fused(instances=Instances.from_bytes(data), members=[[Member(**x) for x in ms] for ms in m["members"]],
+    inst = Instances.from_bytes(data)
+    spread = None
+    if m.get("spread") is not None:
+        spread = np.frombuffer(bytes.fromhex(m["spread"]), np.float16).reshape(len(inst), SOFT_MASK_SIZE, SOFT_MASK_SIZE)
+    return Fused(instances=inst, members=[[Member(**x) for x in ms] for ms in m["members"]],
                  n_votes=np.asarray(m["n_votes"], np.int32), agreement=m["agreement"],
-                 confidence=np.asarray(m["confidence"], np.float32))
+                 confidence=np.asarray(m["confidence"], np.float32), spread=spread)
 
 
 def match_groups(outputs: Sequence[ModelOutput], cfg: EnsembleConfig) -> list[list[tuple[int, int]]]:
@@ -137,7 +144,8 @@ def fuse_image(outputs: Sequence[ModelOutput], cfg: EnsembleConfig) -> Fused:
     return Fused(instances=inst, members=[r["members"] for r in rows],
                  n_votes=np.asarray([len(r["members"]) for r in rows], np.int32),
                  agreement=[r["agreement"] for r in rows],
-                 confidence=np.asarray([r["confidence"] for r in rows], np.float32))
+                 confidence=np.asarray([r["confidence"] for r in rows], np.float32),
+                 spread=np.asarray([r["spread"] for r in rows], np.float16).reshape(n, SOFT_MASK_SIZE, SOFT_MASK_SIZE))
 
 
 def region_of(boxes: np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
@@ -174,8 +182,8 @@ def _fuse_group(outputs, weights, total, group, cfg: EnsembleConfig, h: int, w: 
     if x1 <= x0 or y1 <= y0:
         return None
     binary = [mask_ops.decode_region(ins.masks[i], region) for ins, i in zip(insts, idx)]
+    probs = [member_probs(ins, i, region) for ins, i in zip(insts, idx)]
     if cfg.method == "soft":
-        probs = [member_probs(ins, i, region) for ins, i in zip(insts, idx)]
         denom = strength.sum()
         fused_p = sum(s * p for s, p in zip(strength, probs)) / denom if denom > 0 else np.mean(probs, 0)
         keep = fused_p >= cfg.mask_thresh
@@ -210,6 +218,7 @@ def _fuse_group(outputs, weights, total, group, cfg: EnsembleConfig, h: int, w: 
         "label": label,
         "rle": mask_ops.encode_local(keep, x0, y0, h, w),
         "probs": mask_ops.crop_to_box_frame(fused_p.astype(np.float32), local_box, SOFT_MASK_SIZE),
+        "spread": mask_ops.crop_to_box_frame(np.std(probs, 0).astype(np.float32), local_box, SOFT_MASK_SIZE),
         "members": members,
         "agreement": agreement,
         "confidence": score * (agreement if agreement is not None else 1.0),

@@ -164,6 +164,7 @@ class RefineStage:
         self.source = source
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        from segpipe.ensemble.fuse import decode_fused
         from segpipe.structures import Instances
 
         n = len(batch["uri"])
@@ -174,8 +175,13 @@ class RefineStage:
                 continue
             t = time.perf_counter()
             try:
-                inst = Instances.from_bytes(batch[f"pred:{self.source}"][i])
-                preds[i] = self.refiner.refine(batch["image"][i], inst).to_bytes()
+                spread = None
+                if self.source == "ensemble":  # the members' disagreement feeds the point head
+                    fused = decode_fused(batch["pred:ensemble"][i], batch["meta:ensemble"][i])
+                    inst, spread = fused.instances, fused.spread
+                else:
+                    inst = Instances.from_bytes(batch[f"pred:{self.source}"][i])
+                preds[i] = self.refiner.refine(batch["image"][i], inst, spread).to_bytes()
             except Exception as e:  # noqa: BLE001 - isolate the failing image
                 e_stage[i], e_type[i], e_msg[i] = f"refine:{self.card.name}", type(e).__name__, str(e)[:2000]
             ms[i] = (time.perf_counter() - t) * 1000
