@@ -95,19 +95,24 @@ def match_groups(outputs: Sequence[ModelOutput], cfg: EnsembleConfig) -> list[li
     iou = {(a, b): mask_ops.iou(outputs[a].instances.masks, outputs[b].instances.masks)
            for a in range(len(outputs)) for b in range(len(outputs)) if a != b}
     groups: list[list[tuple[int, int]]] = []
+    anchored: dict[tuple[int, int], int] = {}  # (model, instance) of a group's anchor -> group index
     for _, m, i in order:
         label = int(outputs[m].instances.labels[i])
         best, best_iou = None, cfg.iou_thresh
-        for g, members in enumerate(groups):
-            am, ai = members[0]
+        # Only anchors overlapping this instance enough can take it: read them off the IoU rows.
+        cands = sorted((anchored[(a, int(j))], a, int(j)) for a in range(len(outputs)) if a != m
+                       for j in np.nonzero(iou[(m, a)][i] >= cfg.iou_thresh)[0] if (a, int(j)) in anchored)
+        for g, am, ai in cands:  # in group order: ties go to the older (stronger) group, as a full scan would
+            members = groups[g]
             if any(mm == m for mm, _ in members):
                 continue
             if not cfg.class_agnostic and int(outputs[am].instances.labels[ai]) != label:
                 continue
             v = float(iou[(m, am)][i, ai])
-            if v >= best_iou:
+            if v > best_iou or (best is None and v >= best_iou):
                 best, best_iou = g, v
         if best is None:
+            anchored[(m, i)] = len(groups)
             groups.append([(m, i)])
         else:
             groups[best].append((m, i))
