@@ -229,7 +229,8 @@ def ensemble_cmd(
     from pydantic import ValidationError
 
     from segpipe.config import apply_overrides
-    from segpipe.ensemble.refuse import RefuseConfig, read_manifest, refuse_run
+    from segpipe.ensemble.refuse import RefuseConfig, refuse_run
+    from segpipe.sinks.writer import read_manifest
     from segpipe.pipeline.run import new_run_id
 
     try:
@@ -277,7 +278,7 @@ def eval_cmd(
 
     With several --pred or --each-model, one comparison table: each result set on one line.
     """
-    from segpipe.ensemble.refuse import read_manifest
+    from segpipe.sinks.writer import read_manifest
     from segpipe.evaluation import compare_table, evaluate_output, format_table, load_gt
 
     if not gt.is_file():

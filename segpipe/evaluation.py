@@ -74,6 +74,8 @@ class _BoundaryEval(COCOeval):
     truth: the matching rule of Boundary AP."""
 
     def computeIoU(self, imgId, catId):  # noqa: N802 - pycocotools' name
+        from segpipe.ops import masks as mask_ops
+
         mask_ious = super().computeIoU(imgId, catId)
         p = self.params
         if p.useCats:
@@ -90,16 +92,12 @@ class _BoundaryEval(COCOeval):
             if "_boundary" not in a:
                 a["_boundary"] = boundary_rle(a["segmentation"], dil)
         iscrowd = [int(g.get("iscrowd", 0)) for g in gt]
-        b_ious = np.asarray(maskUtils.iou([_bytes(d["_boundary"]) for d in dt], [_bytes(g["_boundary"]) for g in gt], iscrowd))
+        b_ious = np.asarray(maskUtils.iou([mask_ops.as_bytes(d["_boundary"]) for d in dt],
+                                          [mask_ops.as_bytes(g["_boundary"]) for g in gt], iscrowd))
         out = np.array(mask_ious, dtype=np.float64)
         crowd = np.asarray(iscrowd, bool)
         out[:, ~crowd] = np.minimum(out[:, ~crowd], b_ious[:, ~crowd])
         return out
-
-
-def _bytes(rle: dict) -> dict:
-    c = rle["counts"]
-    return {"size": rle["size"], "counts": c.encode("ascii") if isinstance(c, str) else c}
 
 
 def evaluate(gt: COCO, results: list[dict], *, max_dets: int = 100, image_ids: Iterable[int] | None = None,

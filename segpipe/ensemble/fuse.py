@@ -200,7 +200,7 @@ def _fuse_group(outputs, weights, total, group, cfg: EnsembleConfig, h: int, w: 
     else:  # best
         k = int(np.argmax(strength))
         keep = binary[k]
-        fused_p = member_probs(insts[k], idx[k], region)
+        fused_p = probs[k]
     if not keep.any():
         return None
     ys, xs = np.nonzero(keep)

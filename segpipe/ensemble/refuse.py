@@ -9,7 +9,6 @@ that ``segpipe eval`` and ``segpipe ensemble`` read like any run. Memory: one sh
 
 from __future__ import annotations
 
-import json
 import time
 from collections import defaultdict
 from datetime import datetime, timezone
@@ -21,7 +20,7 @@ from segpipe.ensemble.fuse import ModelOutput, fuse_image
 from segpipe.io.fs import resolve
 from segpipe.sinks.coco import write_coco
 from segpipe.sinks.tables import SCHEMAS, ensemble_rows, rows_to_instances, to_table
-from segpipe.sinks.writer import RunWriter, read_markers
+from segpipe.sinks.writer import RunWriter, read_manifest, read_markers
 
 
 class RefuseConfig(Strict):
@@ -29,15 +28,6 @@ class RefuseConfig(Strict):
 
     ensemble: EnsembleConfig
     output: OutputConfig
-
-
-def read_manifest(run_uri: str) -> dict:
-    """The run's ``_segpipe/run.json``; FileNotFoundError when the run has none (not finished)."""
-    fs, root = resolve(run_uri)
-    path = f"{root}/_segpipe/run.json"
-    if not fs.exists(path):
-        raise FileNotFoundError(f"{run_uri} has no _segpipe/run.json: not a finished segpipe run")
-    return json.loads(fs.cat_file(path))
 
 
 def refuse_run(run_uri: str, out_uri: str, cfg: EnsembleConfig, output: OutputConfig, *, run_id: str,

@@ -26,7 +26,8 @@ class Cluster:
     prob: np.ndarray  # float32 [y1 - y0, x1 - x0] membership probability in the window
 
 
-def _window(ys: np.ndarray, xs: np.ndarray, h: int, w: int, margin: int = 2) -> tuple[int, int, int, int]:
+def window(ys: np.ndarray, xs: np.ndarray, h: int, w: int, margin: int = 2) -> tuple[int, int, int, int]:
+    """The pixel window (x0, y0, x1, y1; half-open) around pixels ``ys``, ``xs`` plus ``margin``, clipped to h x w."""
     return (max(int(xs.min()) - margin, 0), max(int(ys.min()) - margin, 0),
             min(int(xs.max()) + 1 + margin, w), min(int(ys.max()) + 1 + margin, h))
 
@@ -81,7 +82,7 @@ def cluster_spatial(
             continue
         flat = idx[claim].cpu().numpy()
         ys, xs = flat // w, flat % w
-        x0, y0, x1, y1 = _window(ys, xs, h, w)
+        x0, y0, x1, y1 = window(ys, xs, h, w)
         local = gaussian_membership(emb[:, y0:y1, x0:x1], e[:, j], s[:, j]) * fg[y0:y1, x0:x1]
         votes = seed.flatten(1)[:, idx[claim]].sum(1)  # [C] seediness summed over the instance
         out.append(Cluster(ys=ys, xs=xs, score=float(sv[j]), label=int(votes.argmax()) + 1,
@@ -152,7 +153,7 @@ def cluster_discriminative(
         if flat.size < min_pixels:
             continue
         ys_all, xs_all = flat // w, flat % w
-        x0, y0, x1, y1 = _window(ys_all, xs_all, h, w)
+        x0, y0, x1, y1 = window(ys_all, xs_all, h, w)
         grid = np.zeros((y1 - y0, x1 - x0), bool)
         grid[ys_all - y0, xs_all - x0] = True
         comps = ndimage.label(grid)[0] if split_components else grid.astype(np.int32)
@@ -166,7 +167,7 @@ def cluster_discriminative(
             if ly.size < min_pixels or len(out) >= max_instances:
                 continue
             ys, xs = ly + y0, lx + x0
-            cx0, cy0, cx1, cy1 = _window(ys, xs, h, w)
+            cx0, cy0, cx1, cy1 = window(ys, xs, h, w)
             score = float(fp_np[ly, lx].mean() * member_np[ly, lx].mean())
             label = int(cp_np[:, ly, lx].sum(1).argmax()) + 1
             out.append(Cluster(ys=ys, xs=xs, score=score, label=label, window=(cx0, cy0, cx1, cy1),

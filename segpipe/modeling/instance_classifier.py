@@ -25,6 +25,7 @@ from torch import nn
 from torchvision.ops import masks_to_boxes, roi_align
 
 from segpipe.modeling.embed_cluster import Cluster
+from segpipe.modeling.embednet import conv_bn_relu
 
 MARGIN = 0.15  # box growth per side, fraction of the box side: the outline needs some background
 JITTER = 0.1  # training: each box edge moves by up to this fraction of the box side
@@ -44,11 +45,6 @@ def jitter_boxes(boxes: torch.Tensor, amount: float = JITTER) -> torch.Tensor:
     return boxes + amount * wh * noise
 
 
-def _block(cin: int, cout: int, stride: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU(inplace=True))
-
-
 class InstanceClassifier(nn.Module):
     """Crops [N, 4, S, S] (image channels normalised, mask channel in {-2, 2}) -> logits [N, C]."""
 
@@ -57,7 +53,7 @@ class InstanceClassifier(nn.Module):
         self.crop = crop
         layers, cin = [], 4
         for i, c in enumerate(channels):
-            layers += [_block(cin, c, 1 if i == 0 else 2), _block(c, c, 1)]
+            layers += [conv_bn_relu(cin, c, stride=1 if i == 0 else 2), conv_bn_relu(c, c)]
             cin = c
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.fc = nn.Linear(cin, num_classes)

@@ -36,7 +36,7 @@ from torch import nn
 
 from segpipe.config import ModelCard, RSISParams
 from segpipe.modeling.batching import pad_batch
-from segpipe.modeling.embed_cluster import Cluster
+from segpipe.modeling.embed_cluster import Cluster, window
 from segpipe.modeling.embednet import ClusterAdapter, encoder, pad_masks
 from segpipe.modeling.instance_classifier import make_classifier
 from segpipe.modeling.registry import register
@@ -271,9 +271,7 @@ class RSISNet(nn.Module):
         if n_new < p.min_pixels or n_new * 2 <= n_full:
             return None
         ys, xs = (v.cpu().numpy() for v in torch.nonzero(new, as_tuple=True))
-        h, w = prob.shape
-        x0, y0 = max(int(xs.min()) - 2, 0), max(int(ys.min()) - 2, 0)
-        x1, y1 = min(int(xs.max()) + 3, w), min(int(ys.max()) + 3, h)
+        x0, y0, x1, y1 = window(ys, xs, *prob.shape)
         score = (1.0 - stop) * float(prob[new].mean())
         label = 1
         if cls is not None:

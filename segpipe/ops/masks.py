@@ -32,7 +32,7 @@ def decode(rles: Sequence[RLE]) -> np.ndarray:
     """N RLEs -> dense uint8 [N, H, W] (0/1). Empty input needs no size: returns [0, 0, 0]."""
     if len(rles) == 0:
         return np.zeros((0, 0, 0), dtype=np.uint8)
-    dense = mask_utils.decode([_as_bytes(r) for r in rles])
+    dense = mask_utils.decode([as_bytes(r) for r in rles])
     return np.ascontiguousarray(dense.transpose(2, 0, 1))
 
 
@@ -133,7 +133,7 @@ def area(rles: Sequence[RLE]) -> np.ndarray:
         return np.zeros((0,), np.int64)
     # pycocotools' area() sizes an internal uint8 array by the count: 256+ RLEs overflow under
     # numpy 2, so ask in chunks of at most 255.
-    rl = [_as_bytes(r) for r in rles]
+    rl = [as_bytes(r) for r in rles]
     parts = [np.asarray(mask_utils.area(rl[i : i + 255]), dtype=np.int64).reshape(-1) for i in range(0, len(rl), 255)]
     return np.concatenate(parts)
 
@@ -142,14 +142,14 @@ def to_bbox(rles: Sequence[RLE]) -> np.ndarray:
     """N RLEs -> [N, 4] tight COCO xywh boxes (float32); an empty mask gives zeros."""
     if len(rles) == 0:
         return np.zeros((0, 4), np.float32)
-    return np.asarray(mask_utils.toBbox([_as_bytes(r) for r in rles]), dtype=np.float32).reshape(-1, 4)
+    return np.asarray(mask_utils.toBbox([as_bytes(r) for r in rles]), dtype=np.float32).reshape(-1, 4)
 
 
 def iou(a: Sequence[RLE], b: Sequence[RLE]) -> np.ndarray:
     """Pairwise mask IoU of N and M RLEs (same size) -> [N, M] float64."""
     if len(a) == 0 or len(b) == 0:
         return np.zeros((len(a), len(b)), np.float64)
-    out = mask_utils.iou([_as_bytes(r) for r in a], [_as_bytes(r) for r in b], [0] * len(b))
+    out = mask_utils.iou([as_bytes(r) for r in a], [as_bytes(r) for r in b], [0] * len(b))
     return np.asarray(out, dtype=np.float64).reshape(len(a), len(b))
 
 
@@ -215,7 +215,8 @@ def _as_str(rle: RLE) -> RLE:
     return {"size": [int(rle["size"][0]), int(rle["size"][1])], "counts": counts}
 
 
-def _as_bytes(rle: RLE) -> RLE:
+def as_bytes(rle: RLE) -> RLE:
+    """The RLE with ``counts`` as bytes, as pycocotools wants."""
     counts = rle["counts"]
     if isinstance(counts, str):
         counts = counts.encode("ascii")

@@ -29,16 +29,11 @@ from torchvision.ops import roi_align
 from segpipe.config import EmbedNetParams, PointRendParams
 from segpipe.modeling.batching import pad_batch
 from segpipe.modeling.embednet import EmbedUNet
+from segpipe.modeling.instance_classifier import grow_boxes as grow  # the frame: the box grown by margin per side
 from segpipe.modeling.instance_classifier import tight_boxes
 from segpipe.refine.degrade import degrade
 
 EPS = 1e-4
-
-
-def grow(boxes: torch.Tensor, margin: float) -> torch.Tensor:
-    """xyxy [N, 4] -> the frames: each side moved out by ``margin`` x the box side (at least 1 px)."""
-    wh = (boxes[:, 2:] - boxes[:, :2]).clamp(min=1.0)
-    return torch.cat([boxes[:, :2] - margin * wh, boxes[:, 2:] + margin * wh], 1)
 
 
 def frame_to_image(uv: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:

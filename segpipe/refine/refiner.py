@@ -22,6 +22,22 @@ from segpipe.refine.pointrend import PointRendRefiner, build_network, grow
 from segpipe.structures import SOFT_MASK_SIZE, Instances
 
 
+def box_maps_in_frames(maps: np.ndarray, boxes: np.ndarray, frames: np.ndarray, size: int) -> np.ndarray:
+    """Box-frame maps [N, S, S] spanning xyxy ``boxes`` [N, 4], sampled bilinearly at the
+    ``size`` x ``size`` cell centres of xyxy ``frames`` [N, 4] (zero outside each box) -> float32
+    [N, size, size]."""
+    f = torch.from_numpy(frames.astype(np.float32))
+    b = torch.from_numpy(boxes.astype(np.float32))
+    c = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    xs = f[:, None, 0] + c[None] * (f[:, 2] - f[:, 0])[:, None]  # [N, size] image x of the cell centres
+    ys = f[:, None, 1] + c[None] * (f[:, 3] - f[:, 1])[:, None]
+    gx = (xs - b[:, None, 0]) / (b[:, 2] - b[:, 0]).clamp(min=1e-6)[:, None] * 2 - 1  # in the box frame
+    gy = (ys - b[:, None, 1]) / (b[:, 3] - b[:, 1]).clamp(min=1e-6)[:, None] * 2 - 1
+    grid = torch.stack([gx[:, None, :].expand(-1, size, -1), gy[:, :, None].expand(-1, -1, size)], -1)
+    src = torch.from_numpy(maps.astype(np.float32))[:, None]
+    return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0].numpy()
+
+
 def coarse_in_frames(inst: Instances, frames: np.ndarray, size: int) -> np.ndarray:
     """Each instance's mask probabilities at the ``size`` x ``size`` cell centres of its frame
     (xyxy ``frames`` [N, 4]) -> float32 [N, size, size]."""
@@ -29,16 +45,7 @@ def coarse_in_frames(inst: Instances, frames: np.ndarray, size: int) -> np.ndarr
     if n == 0:
         return np.zeros((0, size, size), np.float32)
     if inst.mask_probs is not None:
-        f = torch.from_numpy(frames.astype(np.float32))
-        b = torch.from_numpy(inst.boxes.astype(np.float32))
-        c = (torch.arange(size, dtype=torch.float32) + 0.5) / size
-        xs = f[:, None, 0] + c[None] * (f[:, 2] - f[:, 0])[:, None]  # [N, size] image x of the cell centres
-        ys = f[:, None, 1] + c[None] * (f[:, 3] - f[:, 1])[:, None]
-        gx = (xs - b[:, None, 0]) / (b[:, 2] - b[:, 0]).clamp(min=1e-6)[:, None] * 2 - 1  # in the box frame
-        gy = (ys - b[:, None, 1]) / (b[:, 3] - b[:, 1]).clamp(min=1e-6)[:, None] * 2 - 1
-        grid = torch.stack([gx[:, None, :].expand(-1, size, -1), gy[:, :, None].expand(-1, -1, size)], -1)
-        src = torch.from_numpy(inst.mask_probs.astype(np.float32))[:, None]
-        return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0].numpy()
+        return box_maps_in_frames(inst.mask_probs, inst.boxes, frames, size)
     out = np.zeros((n, size, size), np.float32)
     for i in range(n):
         x0, y0 = int(np.floor(frames[i, 0])), int(np.floor(frames[i, 1]))
@@ -85,9 +92,7 @@ class Refiner:
         coarse = torch.from_numpy(coarse_in_frames(inst, frames, p.coarse_size)).to(self.device)
         dis = None
         if disagreement is not None and p.use_disagreement:
-            spread = Instances(height=h, width=w, boxes=inst.boxes, scores=inst.scores, labels=inst.labels,
-                               masks=inst.masks, mask_probs=disagreement.astype(np.float16))
-            dis = torch.from_numpy(coarse_in_frames(spread, frames, p.coarse_size)).to(self.device)
+            dis = torch.from_numpy(box_maps_in_frames(disagreement, inst.boxes, frames, p.coarse_size)).to(self.device)
         out_size = min(p.output_size, max(2 * p.coarse_size, self._useful_size(frames)))  # at least one step
         refined = self.network.subdivide(feats, coarse, torch.from_numpy(frames).to(self.device), dis, out_size).cpu().numpy()
         boxes, rles, probs = inst.boxes.copy(), list(inst.masks), np.array(inst.mask_probs if inst.mask_probs is not None

@@ -134,3 +134,12 @@ def read_committed(output_uri: str, table: str, fs: fsspec.AbstractFileSystem | 
         with fs.open(f"{root}/{m['tables'][table]}", "rb") as f:
             parts.append(pq.read_table(f).cast(SCHEMAS[table]))
     return pa.concat_tables(parts) if parts else SCHEMAS[table].empty_table()
+
+
+def read_manifest(run_uri: str) -> dict:
+    """The run's ``_segpipe/run.json``; FileNotFoundError when the run has none (not finished)."""
+    fs, root = resolve(run_uri)
+    path = f"{root}/_segpipe/run.json"
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{run_uri} has no _segpipe/run.json: not a finished segpipe run")
+    return json.loads(fs.cat_file(path))
