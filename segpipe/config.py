@@ -52,6 +52,10 @@ class EnsembleConfig(Strict):
     min_votes: int = Field(1, ge=1, description="drop groups with fewer members (models)")
     mask_thresh: float = Field(0.5, gt=0, lt=1, description="soft: averaged probability that keeps a pixel")
     quorum: float = Field(0.5, gt=0, le=1, description="vote: fraction of the total model weight a pixel needs")
+    rank: Literal["score", "confidence"] = Field(
+        "score", description="the fused instance's score: score = sum(weight x score) / total weight; confidence = that "
+        "x agreement (mean pairwise mask IoU of the members; 1 for a lone member), which ranks groups whose members "
+        "agree on the mask above groups that only agree on the object")
 
     @field_validator("weights")
     @classmethod
@@ -343,7 +347,13 @@ class RSISParams(EmbedNetParams):
     mask_thresh: float = Field(0.5, gt=0, lt=1, description="mask probability that makes a pixel part of the step's instance")
     min_pixels: int = Field(8, ge=1, description="smallest instance kept, pixels")
     feed_canvas: bool = Field(True, description="give each step the union of the masks emitted so far")
+    foreground: bool = Field(True, description="a foreground head on the encoder (BCE to the union of the instances); "
+                             "each step reads the foreground not yet covered by the canvas, and the stop head its max "
+                             "and mean (not in the paper)")
+    w_fg: float = Field(1.0, ge=0, description="foreground BCE weight")
     w_mask: float = Field(1.0, ge=0, description="soft-IoU loss weight")
+    w_bce: float = Field(1.0, ge=0, description="pixel binary cross-entropy weight on matched pairs (a dense gradient "
+                         "that the soft IoU lacks while masks are still blobs)")
     w_step_class: float = Field(1.0, ge=0, description="per-step class cross-entropy weight (classify: pixels)")
     w_stop: float = Field(1.0, ge=0, description="stop binary cross-entropy weight")
 

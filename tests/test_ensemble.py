@@ -152,3 +152,30 @@ def test_spread_is_the_members_disagreement_and_survives_serialisation():
     np.testing.assert_array_equal(back.spread, fused.spread)
     assert back.members == fused.members and back.agreement == fused.agreement
     np.testing.assert_array_equal(back.instances.mask_probs, fused.instances.mask_probs)
+
+
+def test_rank_by_confidence_puts_agreeing_masks_first():
+    a, b = _rect(10, 8, 38, 36), _rect(20, 8, 48, 36)  # IoU 18/38 = 0.47 at iou_thresh 0.3: one group
+    outs = [_out("a", [a, FAR], [0.9, 0.8]), _out("b", [b, FAR], [0.9, 0.7])]
+    cfg = dict(iou_thresh=0.3, method="vote", quorum=0.5)
+    by_score = fuse_image(outs, EnsembleConfig(**cfg))
+    assert by_score.instances.scores.tolist() == pytest.approx([0.9, 0.75])  # the disputed mask first
+    by_conf = fuse_image(outs, EnsembleConfig(rank="confidence", **cfg))
+    assert by_conf.instances.scores.tolist() == pytest.approx([0.75, 0.9 * 18 / 38])  # FAR agrees fully: now first
+    assert np.array_equal(_dense(by_conf), FAR) and by_conf.confidence.tolist() == pytest.approx(by_conf.instances.scores.tolist())
+
+
+@pytest.mark.parametrize("method", ["soft", "best"])
+def test_a_lone_member_passes_through_unchanged(method):
+    ellipse = np.zeros((H, W), bool)
+    yy, xx = np.mgrid[:H, :W]
+    ellipse[((yy - 30) / 11.0) ** 2 + ((xx - 40) / 17.0) ** 2 <= 1] = True
+    out = _out("a", [ellipse], [0.6])
+    fused = fuse_image([out, _out("b", [], [])], EnsembleConfig(method=method))
+    assert fused.instances.masks[0] == out.instances.masks[0]
+    np.testing.assert_array_equal(fused.instances.boxes[0], out.instances.boxes[0])
+    np.testing.assert_array_equal(fused.instances.mask_probs[0], out.instances.mask_probs[0])
+    assert float(np.abs(fused.spread[0].astype(np.float32)).max()) == 0.0
+    assert fused.instances.scores[0] == pytest.approx(0.3) and fused.members[0][0].iou == 1.0
+    # A vote quorum above the lone model's share of the weight drops it.
+    assert len(fuse_image([out, _out("b", [], [])], EnsembleConfig(method="vote", quorum=0.6)).instances) == 0

@@ -377,9 +377,19 @@ def test_crop_then_paste_roundtrips_a_rectangle():
     assert mask_ops.paste_soft_mask(probs, box, 20, 30) == coco_encode(mask)
 
 
-def test_crop_to_box_frame_rejects_batched_mask():
-    with pytest.raises(ValueError, match=r"mask.*\[2, 5, 5\]"):
-        mask_ops.crop_to_box_frame(np.zeros((2, 5, 5)), (0, 0, 2, 2))
+def test_crop_to_box_frame_samples_a_stack_like_each_map():
+    rng = np.random.default_rng(3)
+    stack = rng.random((3, 9, 7)).astype(np.float32)
+    box = (1.2, 0.5, 6.3, 8.0)
+    got = mask_ops.crop_to_box_frame(stack, box, 12)
+    assert got.shape == (3, 12, 12)
+    for c in range(3):
+        np.testing.assert_array_equal(got[c], mask_ops.crop_to_box_frame(stack[c], box, 12))
+
+
+def test_crop_to_box_frame_rejects_a_4d_mask():
+    with pytest.raises(ValueError, match=r"mask.*\[1, 2, 5, 5\]"):
+        mask_ops.crop_to_box_frame(np.zeros((1, 2, 5, 5)), (0, 0, 2, 2))
 
 
 @pytest.mark.parametrize("region", [(0, 0, 5, 7), (2, 3, 12, 4), (-3, -1, 4, 9)])

@@ -62,6 +62,7 @@ def test_rsis_loss_is_zero_for_a_perfect_permuted_sequence():
     stop = torch.tensor([-30.0, -30.0, -30.0, 30.0])  # three objects, then stop
     out = rsis.rsis_loss(logits, classes, stop, masks, labels)
     assert float(out["mask"]) < 1e-6 and float(out["class"]) < 1e-6 and float(out["stop"]) < 1e-6
+    assert float(out["bce"]) < 1e-6
 
 
 def test_rsis_loss_penalises_a_missing_instance_a_wrong_class_and_a_late_stop():
@@ -76,6 +77,8 @@ def test_rsis_loss_penalises_a_missing_instance_a_wrong_class_and_a_late_stop():
     assert float(out["mask"]) == pytest.approx(1.0 / 3.0, abs=1e-4)  # one of three matched pairs has IoU 0
     assert float(out["class"]) == pytest.approx(2.0 / 3.0 * 30.0, rel=1e-3)  # two wrong by a 30-logit margin
     assert float(out["stop"]) == pytest.approx(30.0 / 4.0, rel=1e-3)  # the last step should have said stop
+    missed = int(masks[2].sum())  # its pixels cost 30 nats each, over 3 pairs x 64 pixels
+    assert float(out["bce"]) == pytest.approx(missed * 30.0 / (3 * 64), rel=1e-3)
 
 
 def test_rsis_loss_without_instances_only_asks_to_stop():
@@ -83,7 +86,7 @@ def test_rsis_loss_without_instances_only_asks_to_stop():
                          torch.zeros((0, 4, 4), dtype=torch.bool), torch.zeros(0, dtype=torch.int64))
     assert out["mask"].requires_grad
     out = {k: v.detach() for k, v in out.items()}
-    assert float(out["mask"]) == 0.0 and float(out["class"]) == 0.0
+    assert float(out["mask"]) == 0.0 and float(out["class"]) == 0.0 and float(out["bce"]) == 0.0
     assert float(out["stop"]) == pytest.approx(np.log(2.0), abs=1e-6)
 
 
@@ -136,6 +139,25 @@ def test_inference_drops_repeats_and_never_overlaps():
     assert len(out[0]) == 1 and len(out[0][0].ys) == 24 * 40  # steps 2.. repeat step 1 and are dropped
 
 
+@pytest.mark.parametrize("fg_bias, steps, found", [(-20.0, 1, 0), (20.0, 2, 1)])
+def test_the_stop_head_reads_the_foreground_left_uncovered(fg_bias, steps, found):
+    """Stop = sigmoid(20 - 40 x max uncovered foreground): with no foreground the first step
+    stops; with all foreground the first step paints everything, the canvas covers it, and the
+    second step stops."""
+    net = _tiny()
+    n_pooled = sum(net.params.lstm_channels)
+    with torch.no_grad():
+        net.fg_head[-1].weight.zero_()
+        net.fg_head[-1].bias.fill_(fg_bias)
+        net.stop_head.weight.zero_()
+        net.stop_head.weight[0, n_pooled] = -40.0  # the max of the uncovered foreground
+        net.stop_head.bias.fill_(20.0)
+        net.refine[-1].weight.zero_()
+        net.refine[-1].bias.fill_(20.0)
+    n, out = _count_steps(net, [torch.rand(3, 24, 40)])
+    assert n == steps and len(out[0]) == found
+
+
 # --- tiny networks --------------------------------------------------------------------------------
 
 
@@ -150,9 +172,10 @@ def _targets():
     return images, [{"masks": big, "labels": labels}, empty]
 
 
-@pytest.mark.parametrize("extra, keys", [(None, {"loss_mask", "loss_stop", "loss_step_class"}),
-                                         (INST, {"loss_mask", "loss_stop", "loss_class"}),
-                                         ({"feed_canvas": False}, {"loss_mask", "loss_stop", "loss_step_class"})])
+@pytest.mark.parametrize("extra, keys", [(None, {"loss_mask", "loss_bce", "loss_fg", "loss_stop", "loss_step_class"}),
+                                         (INST, {"loss_mask", "loss_bce", "loss_fg", "loss_stop", "loss_class"}),
+                                         ({"feed_canvas": False}, {"loss_mask", "loss_bce", "loss_fg", "loss_stop", "loss_step_class"}),
+                                         ({"foreground": False}, {"loss_mask", "loss_bce", "loss_stop", "loss_step_class"})])
 def test_tiny_rsis_forward_backward(extra, keys):
     net = _tiny(extra).train()
     images, targets = _targets()

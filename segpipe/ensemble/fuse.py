@@ -11,10 +11,13 @@ pixels at or above ``mask_thresh``; ``vote`` keeps a pixel when the weights of t
 covering it reach ``quorum`` x the weight of all the ensemble's models (absent models vote no);
 ``best`` keeps the strongest member's mask.
 
+A group of one passes through as it is (its mask, box and box-frame soft mask; spread 0).
+
 Each fused instance: score = sum(weight x score over members) / total weight of all models (a
 model that found nothing counts as 0); members (model, version, score, IoU to the fused mask);
 n_votes = members; agreement = mean pairwise mask IoU of the members (None for one);
-confidence = score x agreement (x 1 for one member); the box-frame soft mask is the fused
+confidence = score x agreement (x 1 for one member); with ``rank: confidence`` the instance's
+score is its confidence; the box-frame soft mask is the fused
 probability map sampled into the fused box, and ``spread`` the members' disagreement (the std
 of their probability maps) in the same frame, for the refiner.
 """
@@ -85,15 +88,26 @@ def decode_fused(data: bytes, meta: str) -> Fused:
                  confidence=np.asarray(m["confidence"], np.float32), spread=spread)
 
 
-def match_groups(outputs: Sequence[ModelOutput], cfg: EnsembleConfig) -> list[list[tuple[int, int]]]:
+def pairwise_iou(outputs: Sequence[ModelOutput]) -> dict[tuple[int, int], np.ndarray]:
+    """Mask IoU between every two models' instances: (a, b) -> [len(a), len(b)] (pycocotools
+    skips pairs whose boxes miss)."""
+    out: dict[tuple[int, int], np.ndarray] = {}
+    for a in range(len(outputs)):
+        for b in range(a + 1, len(outputs)):
+            out[(a, b)] = mask_ops.iou(outputs[a].instances.masks, outputs[b].instances.masks)
+            out[(b, a)] = out[(a, b)].T
+    return out
+
+
+def match_groups(outputs: Sequence[ModelOutput], cfg: EnsembleConfig,
+                 iou: dict[tuple[int, int], np.ndarray] | None = None) -> list[list[tuple[int, int]]]:
     """Greedy cross-model matching -> groups of (model index, instance index), each group's
-    first entry its strongest member; groups in order of creation (strongest first)."""
+    first entry its strongest member; groups in order of creation (strongest first). ``iou``:
+    ``pairwise_iou(outputs)`` when the caller has it."""
     weights = [cfg.weights.get(o.name, 1.0) for o in outputs]
     order = sorted(((-weights[m] * float(o.instances.scores[i]), m, i) for m, o in enumerate(outputs)
                     for i in range(len(o.instances))))
-    # Pairwise mask IoU between every two models' instances (pycocotools skips pairs whose boxes miss).
-    iou = {(a, b): mask_ops.iou(outputs[a].instances.masks, outputs[b].instances.masks)
-           for a in range(len(outputs)) for b in range(len(outputs)) if a != b}
+    iou = pairwise_iou(outputs) if iou is None else iou
     groups: list[list[tuple[int, int]]] = []
     anchored: dict[tuple[int, int], int] = {}  # (model, instance) of a group's anchor -> group index
     for _, m, i in order:
@@ -128,13 +142,22 @@ def fuse_image(outputs: Sequence[ModelOutput], cfg: EnsembleConfig) -> Fused:
         raise ValueError("all models' instances must be of the same image size")
     weights = [cfg.weights.get(o.name, 1.0) for o in outputs]
     total = float(sum(weights))
+    iou = pairwise_iou(outputs)
     rows = []
-    for group in match_groups(outputs, cfg):
+    for group in match_groups(outputs, cfg, iou):
         if len(group) < cfg.min_votes:
             continue
-        row = _fuse_group(outputs, weights, total, group, cfg, h, w)
+        m, i = group[0]
+        probs = outputs[m].instances.mask_probs
+        if len(group) == 1 and probs is not None and probs.shape[-1] == SOFT_MASK_SIZE:
+            row = _pass_through(outputs[m], weights[m], total, i, cfg)
+        else:
+            row = _fuse_group(outputs, weights, total, group, cfg, h, w, iou)
         if row is not None:
             rows.append(row)
+    if cfg.rank == "confidence":
+        for r in rows:
+            r["score"] = r["confidence"]
     rows.sort(key=lambda r: -r["score"])
     n = len(rows)
     inst = Instances(
@@ -178,7 +201,29 @@ def _binary_iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.count_nonzero(a & b)) / union if union else 0.0
 
 
-def _fuse_group(outputs, weights, total, group, cfg: EnsembleConfig, h: int, w: int) -> dict | None:
+def _pass_through(out: ModelOutput, weight: float, total: float, i: int, cfg: EnsembleConfig) -> dict | None:
+    """A group of one keeps its member's mask, box and box-frame soft mask as they are (every
+    fusion rule leaves a lone mask unchanged, up to resampling), unless a vote quorum drops it."""
+    inst = out.instances
+    if cfg.method == "vote" and weight < cfg.quorum * total - 1e-9:
+        return None
+    if mask_ops.area([inst.masks[i]])[0] == 0:
+        return None
+    score = weight * float(inst.scores[i]) / total
+    return {
+        "box": tuple(float(v) for v in inst.boxes[i]),
+        "score": score,
+        "label": int(inst.labels[i]),
+        "rle": inst.masks[i],
+        "probs": inst.mask_probs[i].astype(np.float32),
+        "spread": np.zeros((SOFT_MASK_SIZE, SOFT_MASK_SIZE), np.float32),
+        "members": [Member(model=out.name, model_version=out.version, score=float(inst.scores[i]), iou=1.0)],
+        "agreement": None,
+        "confidence": score,
+    }
+
+
+def _fuse_group(outputs, weights, total, group, cfg: EnsembleConfig, h: int, w: int, iou: dict) -> dict | None:
     insts = [outputs[m].instances for m, _ in group]
     idx = [i for _, i in group]
     strength = np.asarray([weights[m] * float(outputs[m].instances.scores[i]) for m, i in group], np.float64)
@@ -208,7 +253,7 @@ def _fuse_group(outputs, weights, total, group, cfg: EnsembleConfig, h: int, w: 
     local_box = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
     members = [Member(model=outputs[m].name, model_version=outputs[m].version, score=float(outputs[m].instances.scores[i]),
                       iou=_binary_iou(b, keep)) for (m, i), b in zip(group, binary)]
-    agreement = float(np.mean([_binary_iou(a, b) for a, b in combinations(binary, 2)])) if len(group) > 1 else None
+    agreement = float(np.mean([iou[(ma, mb)][ia, ib] for (ma, ia), (mb, ib) in combinations(group, 2)])) if len(group) > 1 else None
     score = float(strength.sum() / total)
     if cfg.class_agnostic:
         votes_by_label: dict[int, float] = {}
@@ -217,13 +262,14 @@ def _fuse_group(outputs, weights, total, group, cfg: EnsembleConfig, h: int, w: 
         label = max(sorted(votes_by_label), key=lambda c: votes_by_label[c])
     else:
         label = int(insts[0].labels[idx[0]])
+    frames = mask_ops.crop_to_box_frame(np.stack([fused_p, np.std(probs, 0)]).astype(np.float32), local_box, SOFT_MASK_SIZE)
     return {
         "box": box,
         "score": score,
         "label": label,
         "rle": mask_ops.encode_local(keep, x0, y0, h, w),
-        "probs": mask_ops.crop_to_box_frame(fused_p.astype(np.float32), local_box, SOFT_MASK_SIZE),
-        "spread": mask_ops.crop_to_box_frame(np.std(probs, 0).astype(np.float32), local_box, SOFT_MASK_SIZE),
+        "probs": frames[0],
+        "spread": frames[1],
         "members": members,
         "agreement": agreement,
         "confidence": score * (agreement if agreement is not None else 1.0),

@@ -10,8 +10,9 @@ head and a stop head read the max-pooled hidden states.
 
 Training (``rsis_loss``): with N ground-truth instances the decoder runs min(N + 1, max_steps)
 steps; the first min(N, steps) masks are matched to the ground truth by the Hungarian algorithm
-on soft IoU; matched pairs cost 1 - soft IoU and the class cross-entropy; step t's stop target
-is 1 when t >= N (no object left), else 0.
+on soft IoU; the loss of a matched pair is 1 - soft IoU plus a pixel BCE (not in the paper: from scratch on a
+CPU budget the soft IoU alone leaves the first steps as blobs over several objects) and the class
+cross-entropy; step t's stop target is 1 when t >= N (no object left), else 0.
 
 Inference: steps run until the stop probability reaches ``stop_thresh`` or ``max_steps`` (the
 bound: objects past it are not found). A step's instance is its mask above ``mask_thresh``
@@ -19,9 +20,13 @@ minus the pixels earlier steps took; it is dropped below ``min_pixels`` or when 
 of it was taken already (a repeat). Score = (1 - stop probability) x mean mask probability over
 the instance (x class probability); instances never overlap.
 
-Differences from the paper, for CPU budgets: a small BN encoder instead of ResNet-101, and the
+Differences from the paper, for CPU budgets: a small BN encoder instead of ResNet-101; the
 canvas input (from Ren and Zemel's recurrent attention, CVPR 2017), which tells each step what
-has been covered without relying on the LSTM memory alone.
+has been covered without relying on the LSTM memory alone; and (``foreground``) a foreground head
+on the encoder, trained by BCE to the union of the instances, whose not-yet-covered part
+(foreground x (1 - canvas), detached) is a further input of every step and, as its max and mean,
+of the stop head: "what is left" is then read, not remembered, and the step count generalises
+from training crops to larger images.
 """
 
 from __future__ import annotations
@@ -80,21 +85,23 @@ def rsis_loss(mask_logits: torch.Tensor, class_logits: torch.Tensor | None, stop
     ``stop_logits`` [T]; ground truth ``masks`` bool [N, H, W], ``labels`` 1-based [N].
     The first min(N, T) steps are Hungarian-matched to the instances on soft IoU. Returns
     unweighted ``mask`` (mean 1 - soft IoU over matched pairs), ``class`` (mean cross-entropy
-    over matched pairs; 0 without a class head) and ``stop`` (mean BCE against ``stop_targets``)."""
+    over matched pairs; 0 without a class head), ``bce`` (mean pixel BCE of matched pairs) and
+    ``stop`` (mean BCE against ``stop_targets``)."""
     t_steps = mask_logits.shape[0]
     zero = mask_logits.sum() * 0.0
     stop = F.binary_cross_entropy_with_logits(stop_logits, stop_targets(t_steps, masks.shape[0]).to(stop_logits.device))
     k = min(masks.shape[0], t_steps)
     if k == 0:
-        return {"mask": zero, "class": zero, "stop": stop}
+        return {"mask": zero, "bce": zero, "class": zero, "stop": stop}
     probs = torch.sigmoid(mask_logits[:k]).flatten(1)
     gt = masks.flatten(1).to(probs.dtype)
     iou = soft_iou(probs, gt)  # [k, N]
     rows, cols = hungarian_match((1.0 - iou).detach().cpu().numpy())
     rows_t, cols_t = torch.as_tensor(rows, device=iou.device), torch.as_tensor(cols, device=iou.device)
     mask_loss = (1.0 - iou[rows_t, cols_t]).mean()
+    bce = F.binary_cross_entropy_with_logits(mask_logits[:k].flatten(1)[rows_t], gt[cols_t])
     cls = zero if class_logits is None else F.cross_entropy(class_logits[rows_t], labels.to(iou.device)[cols_t] - 1)
-    return {"mask": mask_loss, "class": cls, "stop": stop}
+    return {"mask": mask_loss, "bce": bce, "class": cls, "stop": stop}
 
 
 # --- the network -------------------------------------------------------------------------------
@@ -133,7 +140,7 @@ class RSISNet(nn.Module):
         self.num_classes = num_classes
         ch = list(params.channels)
         self.down, self.context = encoder(params)
-        canvas = 1 if params.feed_canvas else 0
+        canvas = (1 if params.feed_canvas else 0) + (1 if params.foreground else 0)
         self.levels = len(params.lstm_channels)
         # Encoder outputs read by the LSTM levels, squeezed once per image by 1x1 convs so the
         # per-step gate convolutions stay cheap.
@@ -149,47 +156,71 @@ class RSISNet(nn.Module):
         self.to_fine = nn.Conv2d(above, fr, 1)
         self.refine = nn.Sequential(nn.Conv2d(fr + ch[0] + canvas, fr, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(fr, 1, 1))
         pooled = sum(params.lstm_channels)
+        # Foreground logits at stride 2 from the fine features and every projected skip.
+        self.fg_head = (nn.Sequential(nn.Conv2d(ch[0] + pooled, 16, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(16, 1, 1))
+                        if params.foreground else None)
         self.classifier = make_classifier(params, num_classes)
         self.class_head = nn.Linear(pooled, num_classes) if self.classifier is None and num_classes > 1 else None
-        self.stop_head = nn.Linear(pooled, 1)
+        self.stop_head = nn.Linear(pooled + (2 if params.foreground else 0), 1)
         self.multiple = max(16, 2 ** len(ch))
 
-    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
         """Normalised padded images [B, 3, Hp, Wp] -> (projected encoder outputs for the LSTM
-        levels, coarse to fine, and the stride-2 features [B, channels[0], Hp/2, Wp/2])."""
+        levels, coarse to fine; the stride-2 features [B, channels[0], Hp/2, Wp/2]; foreground
+        logits [B, 1, Hp/2, Wp/2] or None without ``foreground``)."""
         outs = []
         y = x
         for stage in self.down:
             y = stage(y)
             outs.append(y)
         outs[-1] = self.context(outs[-1])
-        return [proj(outs[len(outs) - 1 - i]) for i, proj in enumerate(self.skip_proj)], outs[0]
+        skips = [proj(outs[len(outs) - 1 - i]) for i, proj in enumerate(self.skip_proj)]
+        fg = None
+        if self.fg_head is not None:
+            size = outs[0].shape[-2:]
+            ups = [F.interpolate(sk, size=size, mode="bilinear", align_corners=False) for sk in skips]
+            fg = self.fg_head(torch.cat([outs[0], *ups], 1))
+        return skips, outs[0], fg
 
-    def step(self, skips: list[torch.Tensor], fine: torch.Tensor, canvas: torch.Tensor | None, states: list | None):
+    def step(self, skips: list[torch.Tensor], fine: torch.Tensor, canvas: torch.Tensor | None, states: list | None,
+             fg: torch.Tensor | None = None):
         """One decoder step -> (mask logits [B, Hp, Wp], class logits [B, C] or None, stop logits
-        [B], new states). ``canvas`` [B, 1, Hp, Wp] in [0, 1] (None without ``feed_canvas``).
-        The mask is refined at stride 2 (``fine``) and upsampled bilinearly."""
+        [B], new states). ``canvas`` [B, 1, Hp, Wp] in [0, 1] (None without ``feed_canvas``);
+        ``fg`` the foreground logits of ``encode`` (None without ``foreground``). The mask is
+        refined at stride 2 (``fine``) and upsampled bilinearly."""
         states = states or [None] * self.levels
         new_states, pooled = [], []
+        maps = []  # [B, 1, Hp/2, Wp/2] side inputs: the canvas, the uncovered foreground
+        if canvas is not None:
+            maps.append(F.adaptive_avg_pool2d(canvas, fine.shape[-2:]))
+        left = None
+        if fg is not None:
+            left = torch.sigmoid(fg.detach())
+            if canvas is not None:
+                left = left * (1.0 - maps[0])
+            maps.append(left)
+        side = torch.cat(maps, 1) if maps else None
         y = None
         for i, (cell, skip) in enumerate(zip(self.cells, skips)):
             parts = [skip]
             if y is not None:
                 parts.append(F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False))
-            if canvas is not None:
-                parts.append(F.adaptive_avg_pool2d(canvas, skip.shape[-2:]))
+            if side is not None:
+                parts.append(F.adaptive_avg_pool2d(side, skip.shape[-2:]))
             h, c = cell(torch.cat(parts, 1), states[i])
             new_states.append((h, c))
             pooled.append(h.amax(dim=(2, 3)))
             y = h
         parts = [F.interpolate(self.to_fine(y), size=fine.shape[-2:], mode="bilinear", align_corners=False), fine]
-        if canvas is not None:
-            parts.append(F.adaptive_avg_pool2d(canvas, fine.shape[-2:]))
+        if side is not None:
+            parts.append(side)
         logits = self.refine(torch.cat(parts, 1))
         size = (fine.shape[-2] * 2, fine.shape[-1] * 2)
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[:, 0]
         feat = torch.cat(pooled, 1)
         cls = self.class_head(feat) if self.class_head is not None else None
+        if left is not None:
+            feat = torch.cat([feat, left.amax(dim=(1, 2, 3))[:, None], left.mean(dim=(1, 2, 3))[:, None]], 1)
         return logits, cls, self.stop_head(feat)[:, 0], new_states
 
     def forward(self, images: Sequence[torch.Tensor], targets: Sequence[dict] | None = None):
@@ -202,14 +233,14 @@ class RSISNet(nn.Module):
 
     def _losses(self, x: torch.Tensor, targets: Sequence[dict]) -> dict[str, torch.Tensor]:
         p = self.params
-        skips, fine = self.encode(x)
+        skips, fine, fg = self.encode(x)
         hp, wp = x.shape[-2:]
         n_max = max(int(t["masks"].shape[0]) for t in targets)
         steps = min(n_max + 1, p.max_steps)
         canvas = x.new_zeros((x.shape[0], 1, hp, wp)) if p.feed_canvas else None
         states, logits, classes, stops = None, [], [], []
         for _ in range(steps):
-            m, c, s, states = self.step(skips, fine, canvas, states)
+            m, c, s, states = self.step(skips, fine, canvas, states, fg)
             logits.append(m)
             classes.append(c)
             stops.append(s)
@@ -217,12 +248,16 @@ class RSISNet(nn.Module):
                 canvas = torch.maximum(canvas, torch.sigmoid(m.detach())[:, None])
         logits_t, stops_t = torch.stack(logits, 1), torch.stack(stops, 1)  # [B, T, Hp, Wp], [B, T]
         classes_t = torch.stack(classes, 1) if classes[0] is not None else None
-        parts = []
+        parts, unions = [], []
         for b, t in enumerate(targets):
             masks = pad_masks(t["masks"].to(x.device), hp, wp)
+            unions.append(masks.any(0) if masks.shape[0] else torch.zeros((hp, wp), dtype=torch.bool, device=x.device))
             parts.append(rsis_loss(logits_t[b], None if classes_t is None else classes_t[b], stops_t[b], masks, t["labels"]))
         mean = {k: torch.stack([q[k] for q in parts]).mean() for k in parts[0]}
-        losses = {"loss_mask": p.w_mask * mean["mask"], "loss_stop": p.w_stop * mean["stop"]}
+        losses = {"loss_mask": p.w_mask * mean["mask"], "loss_bce": p.w_bce * mean["bce"], "loss_stop": p.w_stop * mean["stop"]}
+        if fg is not None:
+            fg_full = F.interpolate(fg, size=(hp, wp), mode="bilinear", align_corners=False)[:, 0]
+            losses["loss_fg"] = p.w_fg * F.binary_cross_entropy_with_logits(fg_full, torch.stack(unions).float())
         if self.class_head is not None:
             losses["loss_step_class"] = p.w_step_class * mean["class"]
         if self.classifier is not None:
@@ -232,7 +267,7 @@ class RSISNet(nn.Module):
     @torch.no_grad()
     def _infer(self, x: torch.Tensor, sizes: list[tuple[int, int]]) -> list[list[Cluster]]:
         p = self.params
-        skips, fine = self.encode(x)
+        skips, fine, fg = self.encode(x)
         b_n, hp, wp = x.shape[0], x.shape[2], x.shape[3]
         canvas = x.new_zeros((b_n, 1, hp, wp)) if p.feed_canvas else None
         taken = torch.zeros((b_n, hp, wp), dtype=torch.bool, device=x.device)
@@ -240,7 +275,7 @@ class RSISNet(nn.Module):
         out: list[list[Cluster]] = [[] for _ in range(b_n)]
         states = None
         for _ in range(p.max_steps):
-            m, c, s, states = self.step(skips, fine, canvas, states)
+            m, c, s, states = self.step(skips, fine, canvas, states, fg)
             prob = torch.sigmoid(m)
             stop = torch.sigmoid(s)
             cls = torch.softmax(c, 1) if c is not None else None

@@ -115,16 +115,28 @@ def decode_region(rle: RLE, region_xyxy: Sequence[int]) -> np.ndarray:
     image) -> bool [y1 - y0, x1 - x0]. Cost O(runs + window), never O(H*W)."""
     h = int(rle["size"][0])
     x0, y0, x1, y1 = (int(v) for v in region_xyxy)
-    out = np.zeros((max(y1 - y0, 0), max(x1 - x0, 0)), bool)
+    ww, wh = max(x1 - x0, 0), max(y1 - y0, 0)
+    if ww == 0 or wh == 0:
+        return np.zeros((wh, ww), bool)
     bounds = np.cumsum(np.r_[0, counts_of(rle)])
     starts, ends = bounds[1:-1:2], bounds[2::2]  # 1-runs [start, end) in column-major order
-    for s0, e0 in zip(starts.tolist(), ends.tolist()):
-        c_first, c_last = max(s0 // h, x0), min((e0 - 1) // h, x1 - 1)
-        for c in range(c_first, c_last + 1):  # a run crosses columns only where it wraps the image height
-            r0, r1 = max(s0 - c * h, 0, y0), min(e0 - c * h, h, y1)
-            if r1 > r0:
-                out[r0 - y0 : r1 - y0, c - x0] = True
-    return out  # pixels of the window outside the image stay False
+    starts = starts[: len(ends)]
+    # A run covers columns start // h .. (end - 1) // h (it wraps the image height in between):
+    # cut it into one piece per column inside the window.
+    c_first = np.maximum(starts // h, x0)
+    c_last = np.minimum((ends - 1) // h, x1 - 1)
+    n = np.maximum(c_last - c_first + 1, 0)
+    col = np.repeat(c_first, n) + (np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n))
+    s0, e0 = np.repeat(starts, n), np.repeat(ends, n)
+    lo, hi = max(y0, 0), min(y1, h)
+    r0 = np.clip(s0 - col * h, lo, hi) - y0
+    r1 = np.clip(e0 - col * h, lo, hi) - y0
+    ok = r1 > r0
+    # Mark each piece's rows with +1 / -1 and integrate down the column.
+    base = (col[ok] - x0) * (wh + 1)
+    marks = np.bincount(np.r_[base + r0[ok], base + r1[ok]], weights=np.r_[np.ones(int(ok.sum())), -np.ones(int(ok.sum()))],
+                        minlength=ww * (wh + 1)).reshape(ww, wh + 1)
+    return (np.cumsum(marks[:, :wh], axis=1) > 0.5).T  # pixels of the window outside the image stay False
 
 
 def area(rles: Sequence[RLE]) -> np.ndarray:
@@ -186,26 +198,32 @@ def resample_box_frame(
     rx0, ry0, rx1, ry1 = region_xyxy
     xs = (np.arange(rx0, rx1) + 0.5 - x0) / max(x1 - x0, 1e-6) * 2 - 1  # [-1, 1] over the box
     ys = (np.arange(ry0, ry1) + 0.5 - y0) / max(y1 - y0, 1e-6) * 2 - 1
-    gy, gx = np.meshgrid(ys, xs, indexing="ij")
-    grid = torch.from_numpy(np.stack([gx, gy], axis=-1)[None].astype(np.float32))
     src = torch.from_numpy(probs.astype(np.float32))[None, None]
-    out = F.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    out = F.grid_sample(src, _grid(xs, ys), mode="bilinear", padding_mode="border", align_corners=False)
     return out[0, 0].numpy()
 
 
 def crop_to_box_frame(mask: np.ndarray, box_xyxy: Sequence[float], size: int = 28) -> np.ndarray:
-    """Sample a dense [H, W] mask into an [size, size] float map spanning ``box_xyxy``."""
-    check_shape(mask, ["H", "W"], "mask")
-    h, w = mask.shape
+    """Sample a dense [H, W] mask (or a stack [C, H, W] of maps) into an [size, size] (or
+    [C, size, size]) float map spanning ``box_xyxy``."""
+    if mask.ndim != 3:
+        check_shape(mask, ["H", "W"], "mask")
+        return crop_to_box_frame(mask[None], box_xyxy, size)[0]
+    h, w = mask.shape[-2:]
     x0, y0, x1, y1 = box_xyxy
     cx = x0 + (np.arange(size) + 0.5) * (x1 - x0) / size
     cy = y0 + (np.arange(size) + 0.5) * (y1 - y0) / size
-    gx = cx / w * 2 - 1
-    gy = cy / h * 2 - 1
-    yy, xx = np.meshgrid(gy, gx, indexing="ij")
-    grid = torch.from_numpy(np.stack([xx, yy], axis=-1)[None].astype(np.float32))
-    src = torch.from_numpy(mask.astype(np.float32))[None, None]
-    return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0, 0].numpy()
+    src = torch.from_numpy(mask.astype(np.float32))[None]
+    return F.grid_sample(src, _grid(cx / w * 2 - 1, cy / h * 2 - 1), mode="bilinear", padding_mode="zeros",
+                         align_corners=False)[0].numpy()
+
+
+def _grid(gx: np.ndarray, gy: np.ndarray) -> torch.Tensor:
+    """A separable grid_sample grid [1, len(gy), len(gx), 2] (x, y in [-1, 1])."""
+    grid = np.empty((1, len(gy), len(gx), 2), np.float32)
+    grid[0, :, :, 0] = gx[None, :]
+    grid[0, :, :, 1] = gy[:, None]
+    return torch.from_numpy(grid)
 
 
 def _as_str(rle: RLE) -> RLE:
