@@ -149,6 +149,11 @@ def _print_summary(result, out_uri: str) -> None:
     typer.echo(f"  speed:     {result.images_per_s:.2f} images/s over {result.wall_s:.1f}s wall (Ray start included)")
     if result.stage_ms:
         typer.echo("  stage time (summed ms): " + ", ".join(f"{k}={v:.0f}" for k, v in result.stage_ms.items()))
+        from segpipe.pipeline.run import post_model_overhead
+
+        over = post_model_overhead(result.stage_ms)
+        if over is not None:
+            typer.echo(f"  ensemble + refine: {over[0]:.0f} ms = {100 * over[1]:.1f}% of the models' {over[2]:.0f} ms")
     if result.eval:
         from segpipe.evaluation import format_table
 
@@ -197,7 +202,8 @@ def demo_cmd(
     n: Annotated[int, typer.Option(help="synthetic images to label")] = 32,
     seed: Annotated[int, typer.Option(help="seed of the demo images (never used in training)")] = 4242,
 ) -> None:
-    """Generate synthetic shapes, label them with the bundled Mask R-CNN on a local Ray, score the result."""
+    """Generate synthetic shapes, label them on a local Ray with two bundled models fused and refined
+    (workflows/demo.yaml), score the result."""
     from segpipe.data.synthetic import SynthSpec, write_dataset
     from segpipe.pipeline.run import new_run_id
 

@@ -300,6 +300,11 @@ def test_ensemble_then_refine_stage_marks_rows_and_provenance(ray_local, tiny_ca
     version = manifest["refiner"]["version"]
     assert version.startswith("tiny-pointrend@") and manifest["outputs"]["refined_by"] == version
     assert "refine" in manifest["timings_ms"]
+    from segpipe.pipeline.run import post_model_overhead
+
+    post, frac, model_ms = post_model_overhead(manifest["timings_ms"])
+    t = manifest["timings_ms"]
+    assert post == pytest.approx(t["ensemble"] + t["refine"], abs=0.2) and model_ms > 0 and frac == pytest.approx(post / model_ms)
     inst = read_committed(str(out), "instances").to_pylist()
     assert inst and all(r["refined_by"] == version and version in r["model_versions"] for r in inst)
     assert all(r["source"] == "ensemble" and r["area"] > 0 for r in inst)
@@ -319,3 +324,11 @@ def test_actor_pools_that_starve_the_read_tasks_are_refused(ray_local, tiny_card
     cfg = _cfg(tiny_card, shapes_data, tmp_path / "out", **{"models.0.num_cpus": 2, "pipeline.read_num_cpus": 0.5})
     with pytest.raises(WorkflowError, match="num_cpus"):
         run_workflow(cfg, run_id="starved", progress=lambda m: None)
+
+
+def test_post_model_overhead_sums_the_stages_after_the_models():
+    from segpipe.pipeline.run import post_model_overhead
+
+    assert post_model_overhead({"read": 5.0, "m1": 100.0, "write": 3.0}) is None
+    assert post_model_overhead({"read": 5.0, "m1": 100.0, "m2": 300.0, "ensemble": 20.0, "refine": 20.0, "write": 1.0}) == (40.0, 0.1, 400.0)
+    assert post_model_overhead({"m1": 50.0, "refine": 5.0}) == (5.0, 0.1, 50.0)

@@ -42,6 +42,19 @@ class RunResult:
     skipped_shards: list[int] = field(default_factory=list)
 
 
+NON_MODEL_STAGES = ("read", "ensemble", "refine", "write")
+
+
+def post_model_overhead(stage_ms: dict[str, float]) -> tuple[float, float, float] | None:
+    """(ensemble + refine ms, that / the models' ms, the models' ms) from a run's summed stage
+    times (keys: the non-model stages and one per model); None without an ensemble or refine."""
+    post = sum(stage_ms.get(k, 0.0) for k in ("ensemble", "refine"))
+    if not any(k in stage_ms for k in ("ensemble", "refine")):
+        return None
+    models = sum(v for k, v in stage_ms.items() if k not in NON_MODEL_STAGES)
+    return post, (post / models if models > 0 else float("inf")), models
+
+
 def new_run_id() -> str:
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + uuid.uuid4().hex[:6]
 
