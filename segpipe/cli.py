@@ -100,20 +100,30 @@ def train_cmd(
     out: Annotated[Optional[str], typer.Option(help="card folder (default models/<name>)")] = None,
     work_dir: Annotated[str, typer.Option(help="data, checkpoints, logs")] = "runs/train",
     threads: Annotated[Optional[int], typer.Option(help="torch threads")] = None,
+    param: Annotated[Optional[list[str]], typer.Option("--param", help="architecture override KEY=VALUE (YAML value) on "
+                                                       "top of the recipe's params, e.g. --param channels=[8,16,32]; "
+                                                       "repeatable")] = None,
 ) -> None:
     """Train one method on one domain and write its zoo entry; a card's command reproduces it."""
     from pydantic import ValidationError
 
-    from segpipe.config import TrainConfig
+    from segpipe.config import TrainConfig, apply_overrides
     from segpipe.train.loop import shell_command, train
 
+    try:
+        params = apply_overrides({}, list(param or []))
+    except ValueError as e:
+        _fail(str(e).replace("--set", "--param"))
     try:
         cfg = TrainConfig(
             method=method, domain=domain, data=data, iterations=iterations, batch_size=batch_size, lr=lr, crop=crop,
             seed=seed, train_n=train_n, train_seed=train_seed, val_n=val_n, val_seed=val_seed, name=name, out=out,
-            work_dir=work_dir, threads=threads,
+            work_dir=work_dir, threads=threads, params=params,
         )
-    except ValidationError as e:
+        from segpipe.train.methods import METHODS
+
+        METHODS[cfg.method].params.model_validate(cfg.params)  # a bad --param fails here, before any work
+    except (ValidationError, ValueError) as e:
         _fail(_config_error(e))
     try:
         card = train(cfg, log=lambda m: typer.echo(m), command=shell_command(sys.argv[1:]))

@@ -372,6 +372,9 @@ class PointRendParams(Strict):
     full_res_channels: int = Field(8, ge=1)
     context_dilations: list[int] = Field(default_factory=lambda: [2])
     feat_channels: int = Field(16, ge=1, description="fine features per pixel")
+    feature_stride: Literal[1, 2] = Field(1, description="1: features at every pixel (a full-resolution branch); 2: at "
+                                          "stride 2 (no full-resolution convolutions: about 3x cheaper, the PointRend "
+                                          "paper's fine features are at stride 4)")
     hidden: int = Field(64, ge=1, description="point head width")
     use_disagreement: bool = Field(True, description="feed the members' disagreement (std of their masks) per point")
     margin: float = Field(0.1, ge=0, le=1, description="the frame: the instance box grown by this fraction per side")

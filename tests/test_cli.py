@@ -95,14 +95,23 @@ def test_train_writes_a_loadable_card(tmp_path):
 
     out = tmp_path / "model"
     r = invoke("train", "maskrcnn", "--domain", "shapes", "--iterations", 2, "--batch-size", 2, "--train-n", 4, "--val-n", 2,
-               "--out", out, "--work-dir", tmp_path / "work", "--name", "maskrcnn-test")
+               "--out", out, "--work-dir", tmp_path / "work", "--name", "maskrcnn-test", "--param", "box_detections_per_img=37")
     assert r.exit_code == 0, r.output
     card = yaml.safe_load((out / "card.yaml").read_text())
+    assert card["params"]["box_detections_per_img"] == 37
     assert card["weights"]["sha256"] == sha256_file(out / "weights.safetensors")
     assert card["training"]["iterations"] == 2 and card["training"]["data"]["train"]["seed"] == 1000
     assert "seed=9999" in card["metrics"][0]["split"]
     adapter, loaded = load_adapter(str(out / "card.yaml"))
     assert loaded.version().startswith("maskrcnn-test@")
+
+
+@pytest.mark.parametrize("param, why", [("box_detections_per_img=0", "box_detections_per_img"), ("nosuch=1", "nosuch"),
+                                        ("nokey", "--param")])
+def test_train_rejects_a_bad_param_before_any_work(tmp_path, param, why):
+    r = runner.invoke(app, ["train", "maskrcnn", "--param", param, "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "m")])
+    assert r.exit_code == 2 and why in r.output
+    assert not (tmp_path / "work").exists()
 
 
 def test_train_rejects_val_seed_equal_train_seed(tmp_path):

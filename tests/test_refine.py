@@ -103,7 +103,31 @@ def _batch():
     return images, [{"masks": m, "labels": torch.tensor([1, 1])}, empty]
 
 
-@pytest.mark.parametrize("extra", [{}, {"use_disagreement": False}])
+def test_stride_2_features_are_read_at_the_right_pixel():
+    """feature_stride 2: features [C, H/2, W/2]; a point at image pixel (x, y) reads feature
+    cell (x / 2, y / 2), as the stride-1 net reads cell (x, y)."""
+    p = PointRendParams.model_validate(TINY | {"feature_stride": 2, "use_disagreement": False})
+    net = PointRendRefiner(p).eval()
+    img = torch.rand(3, 40, 48)
+    feats = net.image_features([img])[0]
+    assert feats.shape[-2:] == (24, 24)  # padded to 48 x 48, then stride 2
+    assert net.features.full is None and net.features.refine is None
+    probe = torch.zeros_like(feats)
+    probe[:, 7, 11] = 1.0  # the cell of image pixels x 22..23, y 14..15
+    with torch.no_grad():
+        for layer in net.layers:
+            layer.weight.zero_(), layer.bias.zero_()
+        net.layers[0].weight[0, 0, 0] = 1.0  # hidden unit 0 = feature channel 0
+        net.layers[1].weight[0, 0, 0] = 1.0
+        net.layers[2].weight[0, 0, 0] = 1.0
+        net.out.weight.zero_(), net.out.bias.zero_()
+        net.out.weight[0, 0, 0] = 1.0
+        xy = torch.tensor([[[23.0, 15.0], [5.0, 5.0]]])  # the centre of that cell; a far point
+        out = net.point_logits(probe, xy, torch.zeros(1, 2), None)
+    assert out[0].tolist() == pytest.approx([1.0, 0.0])
+
+
+@pytest.mark.parametrize("extra", [{}, {"use_disagreement": False}, {"feature_stride": 2}])
 def test_tiny_refiner_trains(extra):
     torch.manual_seed(0)
     net = PointRendRefiner(PointRendParams.model_validate(TINY | extra)).train()

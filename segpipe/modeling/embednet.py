@@ -43,23 +43,25 @@ def encoder(params: EmbedNetParams) -> tuple[nn.ModuleList, nn.Sequential]:
 
 
 class EmbedUNet(nn.Module):
-    """[B, 3, H, W] normalised image (H, W multiples of ``multiple``) -> [B, out_channels, H, W]."""
+    """[B, 3, H, W] normalised image (H, W multiples of ``multiple``) -> [B, out_channels, H, W]
+    (``full_res``), or [B, out_channels, H/2, W/2] without the full-resolution branch."""
 
-    def __init__(self, params: EmbedNetParams, out_channels: int) -> None:
+    def __init__(self, params: EmbedNetParams, out_channels: int, full_res: bool = True) -> None:
         super().__init__()
         ch = list(params.channels)
         fr = params.full_res_channels
-        self.full = nn.Sequential(conv_bn_relu(3, fr), conv_bn_relu(fr, fr))
+        self.full_res = full_res
+        self.full = nn.Sequential(conv_bn_relu(3, fr), conv_bn_relu(fr, fr)) if full_res else None
         self.down, self.context = encoder(params)
         self.up = nn.ModuleList()
         for c_skip, c_in in zip(reversed(ch[:-1]), reversed(ch[1:])):
             self.up.append(nn.Sequential(conv_bn_relu(c_in + c_skip, c_skip), conv_bn_relu(c_skip, c_skip)))
-        self.refine = conv_bn_relu(ch[0] + params.full_res_channels, ch[0])
+        self.refine = conv_bn_relu(ch[0] + params.full_res_channels, ch[0]) if full_res else None
         self.head = nn.Conv2d(ch[0], out_channels, 1)
         self.multiple = max(16, 2 ** len(ch))  # inputs are padded to a multiple of the coarsest stride (at least 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        full = self.full(x)
+        full = self.full(x) if self.full is not None else None
         skips = []
         for stage in self.down:
             x = stage(x)
@@ -68,6 +70,8 @@ class EmbedUNet(nn.Module):
         for block, skip in zip(self.up, reversed(skips[:-1])):
             x = F.interpolate(x, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = block(torch.cat([x, skip], 1))
+        if full is None:
+            return self.head(x)  # stride 2
         x = F.interpolate(x, size=full.shape[-2:], mode="bilinear", align_corners=False)
         return self.head(self.refine(torch.cat([x, full], 1)))
 

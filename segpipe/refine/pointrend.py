@@ -62,15 +62,17 @@ class PointRendRefiner(nn.Module):
         self.params = params
         trunk = EmbedNetParams(channels=params.channels, full_res_channels=params.full_res_channels,
                                context_dilations=params.context_dilations)
-        self.features = EmbedUNet(trunk, params.feat_channels)
+        self.features = EmbedUNet(trunk, params.feat_channels, full_res=params.feature_stride == 1)
+        self.stride = params.feature_stride
         extra = 1 + (1 if params.use_disagreement else 0)  # coarse logit (+ disagreement), re-fed to every layer
         widths = [params.feat_channels, params.hidden, params.hidden, params.hidden]
         self.layers = nn.ModuleList(nn.Conv1d(widths[i] + extra, widths[i + 1], 1) for i in range(3))
         self.out = nn.Conv1d(params.hidden + extra, 1, 1)
 
     def image_features(self, images: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Images float [3, H, W] in [0, 1] -> fine features [B, feat_channels, Hp, Wp] (padded
-        at the bottom/right; pixel (x, y) of image b is column x, row y)."""
+        """Images float [3, H, W] in [0, 1] -> fine features [B, feat_channels, Hp / s, Wp / s]
+        (s = ``feature_stride``; padded at the bottom/right; pixel (x, y) of image b is column
+        x / s, row y / s)."""
         return self.features(pad_batch(images, self.features.multiple))
 
     def point_logits(self, feats: torch.Tensor, xy: torch.Tensor, coarse_logit: torch.Tensor,
@@ -78,7 +80,7 @@ class PointRendRefiner(nn.Module):
         """One image's features [C, H, W]; points in image pixels [N, P, 2]; the coarse logit and
         disagreement there [N, P] -> refined logits [N, P]."""
         n, p = xy.shape[:2]
-        h, w = feats.shape[-2:]
+        h, w = feats.shape[-2] * self.stride, feats.shape[-1] * self.stride  # the padded image the features cover
         grid = torch.stack([xy[..., 0] / w * 2 - 1, xy[..., 1] / h * 2 - 1], -1).reshape(1, n * p, 1, 2)
         f = F.grid_sample(feats[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
         f = f[0, :, :, 0].reshape(-1, n, p).permute(1, 0, 2)  # [N, C, P]
