@@ -351,6 +351,13 @@ class RSISParams(EmbedNetParams):
                              "each step reads the foreground not yet covered by the canvas, and the stop head its max "
                              "and mean (not in the paper)")
     w_fg: float = Field(1.0, ge=0, description="foreground BCE weight")
+    pointer: bool = Field(False, description="each step points at one object: a spatial softmax over the coarsest LSTM "
+                          "level (which also sees pixel coordinates), fed to the finer levels and the refinement, and "
+                          "trained towards the matched object's mask (not in the paper)")
+    w_pointer: float = Field(1.0, ge=0, description="pointer cross-entropy weight")
+    order_prior: float = Field(0.0, ge=0, description="added matching cost |step - rank| / N, rank = the object's "
+                               "order top to bottom (by centroid): breaks the set loss's ties towards one order; 0 = "
+                               "the paper's pure Hungarian matching")
     w_mask: float = Field(1.0, ge=0, description="soft-IoU loss weight")
     w_bce: float = Field(1.0, ge=0, description="pixel binary cross-entropy weight on matched pairs (a dense gradient "
                          "that the soft IoU lacks while masks are still blobs)")

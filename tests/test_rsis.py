@@ -90,6 +90,41 @@ def test_rsis_loss_without_instances_only_asks_to_stop():
     assert float(out["stop"]) == pytest.approx(np.log(2.0), abs=1e-6)
 
 
+def _two_rows():
+    """Two 2x8 bars, the lower one listed first: bool [2, 8, 8]."""
+    masks = torch.zeros((2, 8, 8), dtype=torch.bool)
+    masks[0, 5:7, :] = True  # lower
+    masks[1, 1:3, :] = True  # upper
+    return masks
+
+
+def test_order_ranks_sort_by_centroid_row_then_column():
+    masks = torch.zeros((3, 8, 8), dtype=torch.bool)
+    masks[0, 5:7, 0:2] = True
+    masks[1, 1:3, 4:6] = True
+    masks[2, 1:3, 0:2] = True  # same row as 1, further left
+    assert rsis.order_ranks(masks).tolist() == [2, 1, 0]
+    assert rsis.order_ranks(torch.zeros((0, 4, 4), dtype=torch.bool)).tolist() == []
+
+
+def test_order_prior_breaks_a_tie_towards_the_top_object():
+    masks, labels = _two_rows(), torch.tensor([1, 1])
+    logits = torch.full((3, 8, 8), -30.0)
+    logits[:2, 1:3, :] = 0.0  # both steps: half-sure over both bars -> equal soft IoU with each
+    logits[:2, 5:7, :] = 0.0
+    stop = torch.tensor([-30.0, -30.0, 30.0])
+    ptr = torch.zeros((3, 4, 4))
+    ptr[0, 0:2, :] = 10.0  # step 0 points at the upper bar (pooled to 4 x 4: rows 0..1)
+    ptr[1, 2:4, :] = 10.0  # step 1 at the lower one
+    with_prior = rsis.rsis_loss(logits, None, stop, masks, labels, ptr, order_prior=0.5)
+    swapped = ptr[[1, 0, 2]]
+    assert float(with_prior["pointer"]) < float(rsis.rsis_loss(logits, None, stop, masks, labels, swapped, order_prior=0.5)["pointer"])
+    # Without the prior the tie goes to the listing order (step 0 -> the lower bar): the pointers miss.
+    assert float(rsis.rsis_loss(logits, None, stop, masks, labels, ptr)["pointer"]) > 5.0
+    # The pointer loss of a step pointing exactly at its matched object is the entropy of the target.
+    assert float(with_prior["pointer"]) == pytest.approx(np.log(8.0), abs=1e-3)
+
+
 # --- the stop rule -------------------------------------------------------------------------------
 
 
@@ -175,12 +210,16 @@ def _targets():
 @pytest.mark.parametrize("extra, keys", [(None, {"loss_mask", "loss_bce", "loss_fg", "loss_stop", "loss_step_class"}),
                                          (INST, {"loss_mask", "loss_bce", "loss_fg", "loss_stop", "loss_class"}),
                                          ({"feed_canvas": False}, {"loss_mask", "loss_bce", "loss_fg", "loss_stop", "loss_step_class"}),
-                                         ({"foreground": False}, {"loss_mask", "loss_bce", "loss_stop", "loss_step_class"})])
+                                         ({"foreground": False}, {"loss_mask", "loss_bce", "loss_stop", "loss_step_class"}),
+                                         ({"pointer": True, "order_prior": 0.5},
+                                          {"loss_mask", "loss_bce", "loss_fg", "loss_pointer", "loss_stop", "loss_step_class"})])
 def test_tiny_rsis_forward_backward(extra, keys):
     net = _tiny(extra).train()
     images, targets = _targets()
     assert any(g is not None for g in check_loss_backward(net, images, targets, keys))
     assert net.stop_head.weight.grad.abs().sum() > 0 and net.refine[-1].weight.grad.abs().sum() > 0
+    if net.pointer_head is not None:
+        assert net.pointer_head.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="targets"):
         net(images)
 

@@ -79,29 +79,58 @@ def steps_before_stop(stop_probs: Sequence[float], thresh: float) -> int:
     return len(stop_probs)
 
 
+def order_ranks(masks: torch.Tensor) -> torch.Tensor:
+    """bool [N, H, W] -> int64 [N]: each instance's place when sorted by centroid row, then column."""
+    n = masks.shape[0]
+    if n == 0:
+        return torch.zeros(0, dtype=torch.int64)
+    m = masks.flatten(1).float()
+    area = m.sum(1).clamp(min=1.0)
+    ys = torch.arange(masks.shape[1], dtype=torch.float32, device=masks.device).repeat_interleave(masks.shape[2])
+    xs = torch.arange(masks.shape[2], dtype=torch.float32, device=masks.device).repeat(masks.shape[1])
+    cy, cx = (m @ ys) / area, (m @ xs) / area
+    order = sorted(range(n), key=lambda j: (float(cy[j]), float(cx[j])))
+    ranks = torch.empty(n, dtype=torch.int64)
+    ranks[torch.as_tensor(order)] = torch.arange(n)
+    return ranks
+
+
 def rsis_loss(mask_logits: torch.Tensor, class_logits: torch.Tensor | None, stop_logits: torch.Tensor,
-              masks: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+              masks: torch.Tensor, labels: torch.Tensor, pointer_logits: torch.Tensor | None = None,
+              order_prior: float = 0.0) -> dict[str, torch.Tensor]:
     """Set loss of one image. ``mask_logits`` [T, H, W], ``class_logits`` [T, C] or None,
     ``stop_logits`` [T]; ground truth ``masks`` bool [N, H, W], ``labels`` 1-based [N].
     The first min(N, T) steps are Hungarian-matched to the instances on soft IoU. Returns
     unweighted ``mask`` (mean 1 - soft IoU over matched pairs), ``class`` (mean cross-entropy
-    over matched pairs; 0 without a class head), ``bce`` (mean pixel BCE of matched pairs) and
-    ``stop`` (mean BCE against ``stop_targets``)."""
+    over matched pairs; 0 without a class head), ``bce`` (mean pixel BCE of matched pairs),
+    ``stop`` (mean BCE against ``stop_targets``) and ``pointer`` (with ``pointer_logits`` [T, h, w]:
+    mean cross-entropy of each matched step's spatial softmax against its object's mask pooled
+    to h x w and normalised to sum 1; else 0). ``order_prior`` adds |t - rank| / N to the matching
+    cost of step t and the object of that rank (``order_ranks``)."""
     t_steps = mask_logits.shape[0]
     zero = mask_logits.sum() * 0.0
     stop = F.binary_cross_entropy_with_logits(stop_logits, stop_targets(t_steps, masks.shape[0]).to(stop_logits.device))
     k = min(masks.shape[0], t_steps)
     if k == 0:
-        return {"mask": zero, "bce": zero, "class": zero, "stop": stop}
+        return {"mask": zero, "bce": zero, "class": zero, "stop": stop, "pointer": zero}
     probs = torch.sigmoid(mask_logits[:k]).flatten(1)
     gt = masks.flatten(1).to(probs.dtype)
     iou = soft_iou(probs, gt)  # [k, N]
-    rows, cols = hungarian_match((1.0 - iou).detach().cpu().numpy())
+    cost = (1.0 - iou).detach().cpu().numpy()
+    if order_prior > 0:
+        ranks = order_ranks(masks).numpy()
+        cost = cost + order_prior * np.abs(np.arange(k)[:, None] - ranks[None, :]) / masks.shape[0]
+    rows, cols = hungarian_match(cost)
     rows_t, cols_t = torch.as_tensor(rows, device=iou.device), torch.as_tensor(cols, device=iou.device)
     mask_loss = (1.0 - iou[rows_t, cols_t]).mean()
     bce = F.binary_cross_entropy_with_logits(mask_logits[:k].flatten(1)[rows_t], gt[cols_t])
     cls = zero if class_logits is None else F.cross_entropy(class_logits[rows_t], labels.to(iou.device)[cols_t] - 1)
-    return {"mask": mask_loss, "bce": bce, "class": cls, "stop": stop}
+    ptr = zero
+    if pointer_logits is not None:
+        target = F.adaptive_avg_pool2d(gt.reshape(-1, 1, *masks.shape[-2:])[cols_t], pointer_logits.shape[-2:]).flatten(1)
+        target = target / target.sum(1, keepdim=True).clamp(min=1e-6)
+        ptr = -(target * F.log_softmax(pointer_logits[:k].flatten(1)[rows_t], dim=1)).sum(1).mean()
+    return {"mask": mask_loss, "bce": bce, "class": cls, "stop": stop, "pointer": ptr}
 
 
 # --- the network -------------------------------------------------------------------------------
@@ -147,14 +176,17 @@ class RSISNet(nn.Module):
         self.skip_proj = nn.ModuleList(
             nn.Sequential(nn.Conv2d(ch[len(ch) - 1 - i], hid, 1, bias=False), nn.BatchNorm2d(hid), nn.ReLU(inplace=True))
             for i, hid in enumerate(params.lstm_channels))
+        ptr = 1 if params.pointer else 0
         self.cells = nn.ModuleList()
         above = 0
-        for hid in params.lstm_channels:
-            self.cells.append(ConvLSTMCell(hid + above + canvas, hid))
+        for i, hid in enumerate(params.lstm_channels):
+            self.cells.append(ConvLSTMCell(hid + above + canvas + (ptr if i > 0 else 0), hid))
             above = hid
+        # The pointer: a spatial softmax over the coarsest level, which also sees pixel coordinates.
+        self.pointer_head = nn.Conv2d(params.lstm_channels[0] + 2, 1, 1) if params.pointer else None
         fr = params.full_res_channels
         self.to_fine = nn.Conv2d(above, fr, 1)
-        self.refine = nn.Sequential(nn.Conv2d(fr + ch[0] + canvas, fr, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(fr, 1, 1))
+        self.refine = nn.Sequential(nn.Conv2d(fr + ch[0] + canvas + ptr, fr, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(fr, 1, 1))
         pooled = sum(params.lstm_channels)
         # Foreground logits at stride 2 from the fine features and every projected skip.
         self.fg_head = (nn.Sequential(nn.Conv2d(ch[0] + pooled, 16, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(16, 1, 1))
@@ -185,9 +217,10 @@ class RSISNet(nn.Module):
     def step(self, skips: list[torch.Tensor], fine: torch.Tensor, canvas: torch.Tensor | None, states: list | None,
              fg: torch.Tensor | None = None):
         """One decoder step -> (mask logits [B, Hp, Wp], class logits [B, C] or None, stop logits
-        [B], new states). ``canvas`` [B, 1, Hp, Wp] in [0, 1] (None without ``feed_canvas``);
-        ``fg`` the foreground logits of ``encode`` (None without ``foreground``). The mask is
-        refined at stride 2 (``fine``) and upsampled bilinearly."""
+        [B], new states, pointer logits [B, h, w] at the coarsest level or None without
+        ``pointer``). ``canvas`` [B, 1, Hp, Wp] in [0, 1] (None without ``feed_canvas``); ``fg``
+        the foreground logits of ``encode`` (None without ``foreground``). The mask is refined at
+        stride 2 (``fine``) and upsampled bilinearly."""
         states = states or [None] * self.levels
         new_states, pooled = [], []
         maps = []  # [B, 1, Hp/2, Wp/2] side inputs: the canvas, the uncovered foreground
@@ -200,20 +233,26 @@ class RSISNet(nn.Module):
                 left = left * (1.0 - maps[0])
             maps.append(left)
         side = torch.cat(maps, 1) if maps else None
-        y = None
+        y, ptr_logits, ptr_map = None, None, None
         for i, (cell, skip) in enumerate(zip(self.cells, skips)):
             parts = [skip]
             if y is not None:
                 parts.append(F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False))
             if side is not None:
                 parts.append(F.adaptive_avg_pool2d(side, skip.shape[-2:]))
+            if ptr_map is not None:
+                parts.append(F.interpolate(ptr_map, size=skip.shape[-2:], mode="bilinear", align_corners=False))
             h, c = cell(torch.cat(parts, 1), states[i])
             new_states.append((h, c))
             pooled.append(h.amax(dim=(2, 3)))
             y = h
+            if i == 0 and self.pointer_head is not None:
+                ptr_logits, ptr_map = self._point(h)
         parts = [F.interpolate(self.to_fine(y), size=fine.shape[-2:], mode="bilinear", align_corners=False), fine]
         if side is not None:
             parts.append(side)
+        if ptr_map is not None:
+            parts.append(F.interpolate(ptr_map, size=fine.shape[-2:], mode="bilinear", align_corners=False))
         logits = self.refine(torch.cat(parts, 1))
         size = (fine.shape[-2] * 2, fine.shape[-1] * 2)
         logits = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[:, 0]
@@ -221,7 +260,18 @@ class RSISNet(nn.Module):
         cls = self.class_head(feat) if self.class_head is not None else None
         if left is not None:
             feat = torch.cat([feat, left.amax(dim=(1, 2, 3))[:, None], left.mean(dim=(1, 2, 3))[:, None]], 1)
-        return logits, cls, self.stop_head(feat)[:, 0], new_states
+        return logits, cls, self.stop_head(feat)[:, 0], new_states, ptr_logits
+
+    def _point(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Coarsest hidden state [B, C, h, w] -> (pointer logits [B, h, w], the spatial softmax
+        scaled to peak 1, [B, 1, h, w])."""
+        b, _, hh, ww = h.shape
+        ys = torch.linspace(-1.0, 1.0, hh, device=h.device)[:, None].expand(hh, ww)
+        xs = torch.linspace(-1.0, 1.0, ww, device=h.device)[None, :].expand(hh, ww)
+        coords = torch.stack([ys, xs])[None].expand(b, -1, -1, -1)
+        logits = self.pointer_head(torch.cat([h, coords], 1))[:, 0]
+        attn = torch.softmax(logits.flatten(1), 1).reshape(b, 1, hh, ww)
+        return logits, attn / attn.amax(dim=(2, 3), keepdim=True).clamp(min=1e-12)
 
     def forward(self, images: Sequence[torch.Tensor], targets: Sequence[dict] | None = None):
         x = pad_batch(images, self.multiple)
@@ -238,23 +288,28 @@ class RSISNet(nn.Module):
         n_max = max(int(t["masks"].shape[0]) for t in targets)
         steps = min(n_max + 1, p.max_steps)
         canvas = x.new_zeros((x.shape[0], 1, hp, wp)) if p.feed_canvas else None
-        states, logits, classes, stops = None, [], [], []
+        states, logits, classes, stops, ptrs = None, [], [], [], []
         for _ in range(steps):
-            m, c, s, states = self.step(skips, fine, canvas, states, fg)
+            m, c, s, states, ptr = self.step(skips, fine, canvas, states, fg)
             logits.append(m)
             classes.append(c)
             stops.append(s)
+            ptrs.append(ptr)
             if canvas is not None:
                 canvas = torch.maximum(canvas, torch.sigmoid(m.detach())[:, None])
         logits_t, stops_t = torch.stack(logits, 1), torch.stack(stops, 1)  # [B, T, Hp, Wp], [B, T]
         classes_t = torch.stack(classes, 1) if classes[0] is not None else None
+        ptrs_t = torch.stack(ptrs, 1) if ptrs[0] is not None else None  # [B, T, h, w]
         parts, unions = [], []
         for b, t in enumerate(targets):
             masks = pad_masks(t["masks"].to(x.device), hp, wp)
             unions.append(masks.any(0) if masks.shape[0] else torch.zeros((hp, wp), dtype=torch.bool, device=x.device))
-            parts.append(rsis_loss(logits_t[b], None if classes_t is None else classes_t[b], stops_t[b], masks, t["labels"]))
+            parts.append(rsis_loss(logits_t[b], None if classes_t is None else classes_t[b], stops_t[b], masks, t["labels"],
+                                   None if ptrs_t is None else ptrs_t[b], p.order_prior))
         mean = {k: torch.stack([q[k] for q in parts]).mean() for k in parts[0]}
         losses = {"loss_mask": p.w_mask * mean["mask"], "loss_bce": p.w_bce * mean["bce"], "loss_stop": p.w_stop * mean["stop"]}
+        if ptrs_t is not None:
+            losses["loss_pointer"] = p.w_pointer * mean["pointer"]
         if fg is not None:
             fg_full = F.interpolate(fg, size=(hp, wp), mode="bilinear", align_corners=False)[:, 0]
             losses["loss_fg"] = p.w_fg * F.binary_cross_entropy_with_logits(fg_full, torch.stack(unions).float())
@@ -275,7 +330,7 @@ class RSISNet(nn.Module):
         out: list[list[Cluster]] = [[] for _ in range(b_n)]
         states = None
         for _ in range(p.max_steps):
-            m, c, s, states = self.step(skips, fine, canvas, states, fg)
+            m, c, s, states, _ = self.step(skips, fine, canvas, states, fg)
             prob = torch.sigmoid(m)
             stop = torch.sigmoid(s)
             cls = torch.softmax(c, 1) if c is not None else None
