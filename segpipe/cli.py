@@ -111,9 +111,9 @@ def train_cmd(
     from segpipe.train.loop import shell_command, train
 
     try:
-        params = apply_overrides({}, list(param or []))
+        params = apply_overrides({}, list(param or []), flag="--param")
     except ValueError as e:
-        _fail(str(e).replace("--set", "--param"))
+        _fail(str(e))
     try:
         cfg = TrainConfig(
             method=method, domain=domain, data=data, iterations=iterations, batch_size=batch_size, lr=lr, crop=crop,

@@ -397,19 +397,20 @@ class PointRendParams(Strict):
 # --- helpers ------------------------------------------------------------------------------
 
 
-def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``dotted.key=value`` overrides (value parsed as YAML) to a nested dict, in place."""
+def apply_overrides(data: dict, overrides: list[str], flag: str = "--set") -> dict:
+    """Apply ``dotted.key=value`` overrides (value parsed as YAML) to a nested dict, in place;
+    errors name the command-line ``flag`` the overrides came from."""
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected dotted.key=value")
+            raise ValueError(f"{flag} {item!r}: expected dotted.key=value")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         if not all(parts):
-            raise ValueError(f"--set {item!r}: empty key segment")
+            raise ValueError(f"{flag} {item!r}: empty key segment")
         try:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError as e:
-            raise ValueError(f"--set {item!r}: value is not valid YAML (quote it): {e}") from None
+            raise ValueError(f"{flag} {item!r}: value is not valid YAML (quote it): {e}") from None
         node: Any = data
         for p in parts[:-1]:
             if isinstance(node, list):

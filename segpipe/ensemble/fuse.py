@@ -76,10 +76,11 @@ def encode_fused(fused: Fused) -> tuple[bytes, str]:
     return fused.instances.to_bytes(), json.dumps(meta)
 
 
-def decode_fused(data: bytes, meta: str) -> Fused:
-    """Inverse of ``encode_fused``."""
+def decode_fused(data: bytes, meta: str, instances: Instances | None = None) -> Fused:
+    """Inverse of ``encode_fused``. ``instances`` (the same rows in the same order, e.g. the
+    refined ones) replaces decoding ``data``."""
     m = json.loads(meta)
-    inst = Instances.from_bytes(data)
+    inst = Instances.from_bytes(data) if instances is None else instances
     spread = None
     if m.get("spread") is not None:
         spread = np.frombuffer(bytes.fromhex(m["spread"]), np.float16).reshape(len(inst), SOFT_MASK_SIZE, SOFT_MASK_SIZE)

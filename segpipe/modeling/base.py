@@ -18,7 +18,23 @@ from segpipe.ops.shapes import check_shape
 from segpipe.structures import Instances
 
 
-class ModelAdapter(ABC):
+class NetworkHolder:
+    """Holds ``self.network`` on ``self.device``; ``to`` and ``eval`` return self."""
+
+    network: torch.nn.Module
+    device: torch.device
+
+    def to(self, device: str):
+        self.device = torch.device(device)
+        self.network.to(self.device)
+        return self
+
+    def eval(self):
+        self.network.eval()
+        return self
+
+
+class ModelAdapter(NetworkHolder, ABC):
     """Wraps one network; holds no global state, so it is safe inside a Ray actor."""
 
     def __init__(self, *, network: torch.nn.Module, categories: list[dict], device: str = "cpu") -> None:
@@ -26,15 +42,6 @@ class ModelAdapter(ABC):
         self.categories = categories
         self.category_ids = np.asarray([c["id"] for c in categories], np.int64)  # label k (1-based) -> ids[k-1]
         self.device = torch.device(device)
-
-    def to(self, device: str) -> "ModelAdapter":
-        self.device = torch.device(device)
-        self.network.to(self.device)
-        return self
-
-    def eval(self) -> "ModelAdapter":
-        self.network.eval()
-        return self
 
     @abstractmethod
     def preprocess(self, images: Sequence[np.ndarray]) -> Any: ...

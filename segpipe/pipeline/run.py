@@ -362,9 +362,10 @@ def _consume(cfg, ds, writer, run_id, models, primary, refiner, expected, stage_
                     tables["instances"].extend(kept)
                     n_inst = len(kept)
             if cfg.ensemble is not None:
-                fused = decode_fused(row["pred:ensemble"], row["meta:ensemble"])
-                if refiner is not None:  # members' IoUs stay those to the fused mask before refinement
-                    fused.instances = Instances.from_bytes(row["pred:refined"])
+                # Refined: the refined instances with the fused members, votes and IoUs (those to
+                # the fused mask before refinement); the unrefined fused bytes are not decoded.
+                refined = Instances.from_bytes(row["pred:refined"]) if refiner is not None else None
+                fused = decode_fused(row["pred:ensemble"], row["meta:ensemble"], refined)
                 rows = ensemble_rows(fused, run_id=run_id, image_id=int(row["image_id"]), image_uri=row["uri"],
                                      category_names=names, min_score=cfg.output.min_score,
                                      min_confidence=cfg.output.min_confidence, min_votes=cfg.output.min_votes)

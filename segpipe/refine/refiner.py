@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from segpipe.config import ModelCard, PointRendParams
+from segpipe.modeling.base import NetworkHolder
 from segpipe.modeling.registry import register
 from segpipe.ops import masks as mask_ops
 from segpipe.refine.pointrend import PointRendRefiner, build_network, grow
@@ -56,7 +57,7 @@ def coarse_in_frames(inst: Instances, frames: np.ndarray, size: int) -> np.ndarr
     return out
 
 
-class Refiner:
+class Refiner(NetworkHolder):
     """Holds a ``PointRendRefiner``; no global state (safe in a Ray actor)."""
 
     def __init__(self, network: PointRendRefiner, name: str = "refiner", version: str = "") -> None:
@@ -67,15 +68,6 @@ class Refiner:
     @classmethod
     def from_card(cls, card: ModelCard) -> "Refiner":
         return cls(build_network(params=PointRendParams.model_validate(card.params)), card.name)
-
-    def to(self, device: str) -> "Refiner":
-        self.device = torch.device(device)
-        self.network.to(self.device)
-        return self
-
-    def eval(self) -> "Refiner":
-        self.network.eval()
-        return self
 
     @torch.inference_mode()
     def refine(self, image: np.ndarray, inst: Instances, disagreement: np.ndarray | None = None) -> Instances:
