@@ -176,11 +176,11 @@ def _print_summary(result, out_uri: str) -> None:
 def _execute(cfg, run_id: Optional[str]) -> None:
     from segpipe.modeling.zoo import WeightsError
     from segpipe.pipeline.run import SourceEmptyError, WorkflowError, run_workflow
-    from segpipe.sinks.writer import OutputExistsError
+    from segpipe.sinks.writer import OutputExistsError, ResumeMismatchError
 
     try:
         result = run_workflow(cfg, run_id=run_id, progress=lambda m: typer.echo(m))
-    except (SourceEmptyError, FileNotFoundError, OutputExistsError, WeightsError) as e:
+    except (SourceEmptyError, FileNotFoundError, OutputExistsError, ResumeMismatchError, WeightsError) as e:
         _fail(str(e))
     except WorkflowError as e:
         _fail(f"invalid config: {e}")

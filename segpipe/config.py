@@ -21,10 +21,48 @@ class Strict(BaseModel):
 # --- workflows ----------------------------------------------------------------------------
 
 
+_CREDENTIAL_KEYS = {"key", "secret", "token", "aws_access_key_id", "aws_secret_access_key", "aws_session_token",
+                    "access_key", "secret_key", "session_token", "password", "credentials", "profile"}
+
+
+class StorageConfig(Strict):
+    """How to reach an object store (s3:// URIs; ignored for local paths). Credentials never go
+    here: they come from the environment or the standard AWS chain (env, shared files, instance role)."""
+
+    endpoint_url: str | None = Field(None, description="S3 API endpoint, e.g. http://127.0.0.1:9000 (MinIO, moto, ...)")
+    region: str | None = Field(None, description="bucket region, e.g. eu-west-1")
+    anonymous: bool = Field(False, description="unsigned requests (public buckets)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_credentials(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            bad = sorted(k for k in data if str(k).lower() in _CREDENTIAL_KEYS)
+            if bad:
+                raise ValueError(f"{bad[0]}: credentials are never read from workflow files; set AWS_ACCESS_KEY_ID / "
+                                 "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE, an instance role) in the environment")
+        return data
+
+    def options(self, uri: str) -> dict[str, Any]:
+        """fsspec keyword arguments for ``uri`` (s3fs options for s3:// URIs, none otherwise)."""
+        if not uri.startswith(("s3://", "s3a://")):
+            return {}
+        client: dict[str, Any] = {}
+        if self.endpoint_url:
+            client["endpoint_url"] = self.endpoint_url
+        if self.region:
+            client["region_name"] = self.region
+        out: dict[str, Any] = {"anon": self.anonymous}
+        if client:
+            out["client_kwargs"] = client
+        return out
+
+
 class SourceConfig(Strict):
     """Where the images come from."""
 
     uri: str = Field(description="directory path or URI (file://, s3://) to list")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     patterns: list[str] = Field(
         default_factory=lambda: ["*.jpg", "*.jpeg", "*.png", "*.tif", "*.tiff", "*.bmp", "*.webp"],
         description="glob patterns matched against file names (case-insensitive)",
@@ -75,6 +113,34 @@ class ModelStageConfig(Strict):
     concurrency: int = Field(1, ge=1, description="actors in the pool")
     batch_size: int = Field(4, ge=1)
     score_threshold: float | None = Field(None, ge=0, le=1, description="override the card's threshold")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources each actor needs "
+                                        "(hard: actors wait until a node offers them)")
+    node_labels: dict[str, str] = Field(default_factory=dict, description="Ray node labels the actors prefer (e.g. "
+                                        "{segpipe-role: model} on GPU nodes started with ray start --labels); when no "
+                                        "such node is alive they run on any node, unless node_labels_strict")
+    node_labels_strict: bool = Field(False, description="require node_labels instead of preferring them")
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, v: dict[str, float]) -> dict[str, float]:
+        builtin = {"CPU", "GPU", "memory", "object_store_memory"} & set(v)
+        if builtin:
+            raise ValueError(f"{sorted(builtin)[0]} is set by num_cpus/num_gpus, not resources")
+        bad = {k: a for k, a in v.items() if not a > 0}
+        if bad:
+            raise ValueError(f"amounts must be > 0, got {bad}")
+        return v
+
+    def placement(self) -> dict:
+        """Ray remote args that place this stage's actors (custom resources, node labels)."""
+        out: dict = {}
+        if self.resources:
+            out["resources"] = dict(self.resources)
+        if self.node_labels:
+            out["label_selector"] = dict(self.node_labels)
+            if not self.node_labels_strict:  # fall back to any node: every node has a ray.io/node-id label
+                out["fallback_strategy"] = [{"label_selector": {"ray.io/node-id": "!segpipe-no-node"}}]
+        return out
 
     @field_validator("num_gpus")
     @classmethod
@@ -85,7 +151,8 @@ class ModelStageConfig(Strict):
 
 
 class OutputConfig(Strict):
-    uri: str = Field(description="output directory")
+    uri: str = Field(description="output directory or URI (s3://bucket/prefix)")
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     primary: str | None = Field(None, description="model (card name) whose predictions fill instances/ and the COCO "
                                                   "export; default the first model. Every model's go to predictions/")
     coco: bool = True
@@ -101,7 +168,9 @@ class PipelineConfig(Strict):
     ray_address: str | None = Field(None, description="None starts an embedded local Ray")
     ray_num_cpus: int | None = Field(None, ge=1, description="CPUs for an embedded Ray (default: all)")
     ensemble_num_cpus: float = Field(0.25, gt=0, description="CPUs per ensemble fusion task")
-    max_error_rate: float = Field(1.0, ge=0, le=1, description="fail the run above this fraction of errored images")
+    max_error_rate: float = Field(1.0, ge=0, le=1, description="fail the run above this fraction of errored images "
+                                  "(checked at each shard commit once error_budget_min_images are done, and at the end)")
+    error_budget_min_images: int = Field(100, ge=1, description="images to see before the error rate can stop a run early")
 
 
 class RefineConfig(Strict):

@@ -238,15 +238,16 @@ def evaluate_refiner(refiner, base, gt: COCO, image_dir: str | Path, *, max_dets
     return evaluate(gt, before, max_dets=max_dets, boundary=True), evaluate(gt, after, max_dets=max_dets, boundary=True)
 
 
-def output_results(output_uri: str, *, table: str = "instances", source: str | None = None) -> tuple[list[dict], list[dict]]:
+def output_results(output_uri: str, *, table: str = "instances", source: str | None = None,
+                   fs=None) -> tuple[list[dict], list[dict]]:
     """A run output's committed (images with status ok, instance results) as COCO-style dicts.
 
     ``table`` is ``instances`` (the workflow's result) or ``predictions`` (every model's raw
     instances); ``source`` keeps only the rows of that model (or ``ensemble``)."""
     from segpipe.sinks.writer import read_committed
 
-    images = [r for r in read_committed(output_uri, "images").to_pylist() if r["status"] == "ok"]
-    inst = read_committed(output_uri, table).to_pylist()
+    images = [r for r in read_committed(output_uri, "images", fs).to_pylist() if r["status"] == "ok"]
+    inst = read_committed(output_uri, table, fs).to_pylist()
     if source is not None:
         inst = [r for r in inst if r["source"] == source]
     results = [
@@ -262,13 +263,13 @@ def output_results(output_uri: str, *, table: str = "instances", source: str | N
 
 
 def evaluate_output(output_uri: str, gt_path: str | Path | dict, *, max_dets: int = 100, table: str = "instances",
-                    source: str | None = None, boundary: bool = False) -> dict:
+                    source: str | None = None, boundary: bool = False, fs=None) -> dict:
     """Score a run output against a COCO ground truth; images are matched by file name.
 
     Only ground-truth images that the run processed successfully are scored; how many GT images
     were matched is reported as ``n_images`` (and ``n_gt_images``)."""
     gt = load_gt(gt_path)
-    images, results = output_results(output_uri, table=table, source=source)
+    images, results = output_results(output_uri, table=table, source=source, fs=fs)
     pred = {"images": [{"id": im["image_id"], "file_name": im["relpath"]} for im in images], "annotations": results}
     remapped, ids = remap_to_gt(gt, pred)
     if not ids:

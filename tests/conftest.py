@@ -29,7 +29,7 @@ def ray_local():
     import ray
 
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -211,3 +211,84 @@ def make_pointrend_card(folder: Path, name: str = "tiny-pointrend", seed: int = 
             "weights": {"file": "weights.safetensors", "sha256": digest, "format": "safetensors", "dtype": "float16"}}
     (folder / "card.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
     return folder / "card.yaml"
+
+
+# --- S3: moto's HTTP server on loopback -------------------------------------------------------
+
+# Secret-looking credentials: moto accepts any; tests assert they never reach outputs or logs.
+S3_KEY_ID = "AKIASEGPIPETESTKEY01"
+S3_SECRET = "sEgPiPe/Secret+Value/DoNotLeak0123456789xyz"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server as a separate process on 127.0.0.1; yields its endpoint URL."""
+    import shutil
+    import subprocess
+    import time
+    import urllib.request
+
+    exe = shutil.which("moto_server")
+    if exe is None:
+        pytest.fail("moto_server not found: pip install 'moto[server]'")
+    port = _free_port()
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except Exception:  # noqa: BLE001 - not up yet
+            if proc.poll() is not None:
+                pytest.fail(f"moto_server exited with {proc.returncode}")
+            time.sleep(0.1)
+    yield url
+    proc.terminate()
+    proc.wait(timeout=10)
+
+
+def s3_env(endpoint: str | None = None) -> dict:
+    """A process environment with the test credentials (and ``AWS_ENDPOINT_URL`` when given)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    env.update(AWS_ACCESS_KEY_ID=S3_KEY_ID, AWS_SECRET_ACCESS_KEY=S3_SECRET, AWS_DEFAULT_REGION="us-east-1")
+    if endpoint:
+        env["AWS_ENDPOINT_URL"] = endpoint
+    return env
+
+
+def s3_fs(endpoint: str):
+    """An s3fs filesystem on the test server, with the test credentials passed explicitly."""
+    import s3fs
+
+    return s3fs.S3FileSystem(key=S3_KEY_ID, secret=S3_SECRET, client_kwargs={"endpoint_url": endpoint},
+                             skip_instance_cache=True)
+
+
+# --- runs in a subprocess ----------------------------------------------------------------------
+
+
+def committed_shards(out: Path) -> int:
+    """How many shard commit markers a local run output holds."""
+    d = out / "_segpipe" / "shards"
+    return len(list(d.glob("shard-*.json"))) if d.is_dir() else 0
+
+
+def wait_for_commits(proc, out: Path, n: int, timeout: float = 300) -> None:
+    """Poll until ``n`` shards of ``out`` are committed; fail if ``proc`` ends first or on timeout."""
+    import time
+
+    t0 = time.time()
+    while committed_shards(out) < n:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended (rc {proc.returncode}) before {n} shards were committed")
+        if time.time() - t0 > timeout:
+            pytest.fail(f"timed out waiting for {n} commits")
+        time.sleep(0.02)

@@ -128,8 +128,40 @@ def test_tampered_weights_are_refused(tmp_path, tiny_card):
     shutil.copytree(tiny_card.parent, d)
     w = d / "weights.safetensors"
     w.write_bytes(w.read_bytes()[:-1] + b"\x00")
-    with pytest.raises(WeightsError, match="does not match"):
+    with pytest.raises(WeightsError) as e:
         load_adapter(str(d / "card.yaml"))
+    card = yaml.safe_load((d / "card.yaml").read_text())
+    from segpipe.modeling.zoo import sha256_file
+
+    assert str(w) in str(e.value) and card["weights"]["sha256"] in str(e.value) and sha256_file(w) in str(e.value)
+    # The run refuses it on the driver, before Ray starts, with the same message.
+    r = invoke("run", REPO / "workflows" / "shapes.yaml", "--set", f"models.0.model={d / 'card.yaml'}",
+               "--set", f"output.uri={tmp_path / 'out'}", "--set", f"source.uri={tmp_path}")
+    assert r.exit_code == 2 and sha256_file(w) in r.output.replace("\n", "")
+
+
+def test_pickled_weights_are_never_unpickled(tmp_path, tiny_card):
+    """A pickle in place of the safetensors file, with a card that carries its sha256, is refused
+    without being unpickled (the payload would create a file)."""
+    import pickle
+    import shutil
+
+    from segpipe.modeling.zoo import WeightsError, load_adapter, sha256_file
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_card.parent, d)
+    w = d / "weights.safetensors"
+    w.write_bytes(pickle.dumps(Payload()))
+    card = yaml.safe_load((d / "card.yaml").read_text())
+    card["weights"]["sha256"] = sha256_file(w)
+    (d / "card.yaml").write_text(yaml.safe_dump(card))
+    with pytest.raises(WeightsError, match="not a safetensors file"):
+        load_adapter(str(d / "card.yaml"))
+    assert not (tmp_path / "pwned").exists()
 
 
 @pytest.mark.slow

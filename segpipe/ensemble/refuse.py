@@ -40,7 +40,7 @@ def refuse_run(run_uri: str, out_uri: str, cfg: EnsembleConfig, output: OutputCo
     names = {int(c["id"]): c["name"] for c in cats}
     fs, root = resolve(run_uri)
     markers = read_markers(fs, root)
-    writer = RunWriter(out_uri, run_id)
+    writer = RunWriter(out_uri, run_id, storage_options=output.storage.options(out_uri))
     writer.start()
     totals = defaultdict(int)
     fuse_ms = 0.0

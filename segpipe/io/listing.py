@@ -32,11 +32,12 @@ def image_id_for(uri: str) -> int:
 
 
 def list_source(uri: str, *, patterns: list[str], recursive: bool = True, max_images: int | None = None,
-                shard_size: int = 64, fs: fsspec.AbstractFileSystem | None = None) -> list[SourceFile]:
+                shard_size: int = 64, fs: fsspec.AbstractFileSystem | None = None,
+                storage_options: dict | None = None) -> list[SourceFile]:
     """List files under ``uri`` whose names match any of ``patterns`` (case-insensitive), sorted by
     path, cut to ``max_images``, with shard = position // ``shard_size``. Raises FileNotFoundError
-    when the source does not exist."""
-    fs, root = resolve(uri, fs)
+    when the source does not exist. ``storage_options`` go to fsspec (see StorageConfig.options)."""
+    fs, root = resolve(uri, fs, **(storage_options or {}))
     if not fs.exists(root):
         raise FileNotFoundError(f"source {uri!r} does not exist")
     if fs.isfile(root):

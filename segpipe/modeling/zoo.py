@@ -55,17 +55,30 @@ def weights_path(card: ModelCard, card_file: Path) -> Path:
     return p if p.is_absolute() else card_file.parent / p
 
 
-def load_adapter(ref: str, *, device: str = "cpu", zoo: Path = DEFAULT_ZOO) -> tuple[ModelAdapter, ModelCard]:
-    """Build the card's network, load and verify its weights, move to ``device``, eval mode."""
-    card, path = load_card(ref, zoo)
-    wpath = weights_path(card, path)
+def verified_weights(card: ModelCard, card_file: Path) -> Path:
+    """The card's weights file, after checking that its sha256 is the card's. Raises WeightsError
+    naming the file and both digests on a mismatch, or when the file is missing."""
+    wpath = weights_path(card, card_file)
     if not wpath.is_file():
         raise WeightsError(f"{card.name}: weights file {wpath} is missing")
     digest = sha256_file(wpath)
     if digest != card.weights.sha256:
-        raise WeightsError(f"{card.name}: weights sha256 {digest[:12]}... does not match the card's {card.weights.sha256[:12]}...; refusing to load")
+        raise WeightsError(f"{card.name}: weights file {wpath} has sha256 {digest}, but its card {card_file} says "
+                           f"{card.weights.sha256}; refusing to load")
+    return wpath
+
+
+def load_adapter(ref: str, *, device: str = "cpu", zoo: Path = DEFAULT_ZOO) -> tuple[ModelAdapter, ModelCard]:
+    """Build the card's network, load its verified weights (safetensors only: never unpickled),
+    move to ``device``, eval mode."""
+    card, path = load_card(ref, zoo)
+    wpath = verified_weights(card, path)
     adapter = get_builder(card.builder)(card)
-    state = {k: v.float() if v.is_floating_point() else v for k, v in load_file(str(wpath)).items()}
+    try:
+        tensors = load_file(str(wpath))
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise WeightsError(f"{card.name}: weights file {wpath} is not a safetensors file ({type(e).__name__}: {e})") from None
+    state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
     adapter.network.load_state_dict(state, strict=True)
     return adapter.to(device).eval(), card
 

@@ -28,6 +28,10 @@ class WorkflowError(ValueError):
     """The workflow is valid on its own but not with the cards it names (field path first)."""
 
 
+class ErrorBudgetExceeded(RuntimeError):
+    """More inputs failed than ``pipeline.max_error_rate`` allows; the run stops early."""
+
+
 @dataclass
 class RunResult:
     run_id: str
@@ -68,12 +72,10 @@ class _Model:
 
 def _verified(ref: str) -> _Model:
     """Resolve a card and verify its weights on the driver: a bad zoo entry fails before Ray starts."""
-    from segpipe.modeling.zoo import load_card, sha256_file, weights_path, WeightsError
+    from segpipe.modeling.zoo import load_card, verified_weights
 
     card, path = load_card(ref)
-    w = weights_path(card, path)
-    if not w.is_file() or sha256_file(w) != card.weights.sha256:
-        raise WeightsError(f"model {card.name}: weights {w} missing or not matching the card's sha256")
+    verified_weights(card, path)
     return _Model(ref=str(path), card=card, version=card.version())
 
 
@@ -122,7 +124,7 @@ def _init_ray(cfg: WorkflowConfig) -> bool:
     if cfg.pipeline.ray_address:
         ray.init(address=cfg.pipeline.ray_address, **kwargs)
     else:
-        ray.init(num_cpus=cfg.pipeline.ray_num_cpus, **kwargs)
+        ray.init(address="local", num_cpus=cfg.pipeline.ray_num_cpus, **kwargs)
     return True
 
 
@@ -141,12 +143,13 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
     models = _load_models(cfg)
     primary = _primary(cfg, models)
     refiner = _load_refiner(cfg)
+    src_opts = cfg.source.storage.options(cfg.source.uri)
     files = list_source(cfg.source.uri, patterns=cfg.source.patterns, recursive=cfg.source.recursive,
-                        max_images=cfg.source.max_images, shard_size=cfg.source.shard_size)
+                        max_images=cfg.source.max_images, shard_size=cfg.source.shard_size, storage_options=src_opts)
     if not files:
         raise SourceEmptyError(f"source {cfg.source.uri!r} has no files matching {cfg.source.patterns}")
-    writer = RunWriter(cfg.output.uri, run_id)
-    committed = writer.start()
+    writer = RunWriter(cfg.output.uri, run_id, storage_options=cfg.output.storage.options(cfg.output.uri))
+    committed = writer.start(_plan(cfg, files, models, refiner))
     todo = [f for f in files if f.shard not in committed]
     expected: dict[int, int] = defaultdict(int)
     for f in todo:
@@ -165,12 +168,20 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
             _check_cpus(cfg, float(ray.cluster_resources().get("CPU", 0)))
         device_kind = "cuda" if has_gpu else "cpu"
         stage_ms: dict[str, float] = defaultdict(float)
+        dropped = 0
         if todo:
             ds = _build_dataset(cfg, models, todo, has_gpu, refiner, source)
-            _consume(cfg, ds, writer, run_id, models, primary, refiner, expected, stage_ms, progress, t0)
+            dropped = _consume(cfg, ds, writer, run_id, models, primary, refiner, expected, stage_ms, progress, t0,
+                               _totals(committed))
+    except ErrorBudgetExceeded as e:
+        writer.abort()
+        stopped = str(e)
+        progress(f"run {run_id}: stopping: {stopped}")
     except BaseException:
         writer.abort()
         raise
+    else:
+        stopped = None
     finally:
         if started_ray:
             ray.shutdown()
@@ -183,19 +194,22 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
     wall = time.perf_counter() - t0
     error_rate = counts["errors"] / max(counts["images"], 1)
     status, reason = "complete", None
-    if error_rate > cfg.pipeline.max_error_rate:
+    if stopped:
+        status, reason = "failed", stopped
+    elif error_rate > cfg.pipeline.max_error_rate:
         status = "failed"
         reason = f"error rate {error_rate:.3f} exceeds pipeline.max_error_rate={cfg.pipeline.max_error_rate}"
     eval_stats = None
-    if cfg.eval.gt:
+    if cfg.eval.gt and not stopped:
         from segpipe.data.coco import read_json
 
         gt = read_json(cfg.eval.gt)  # read once, scored once per table/model
-        eval_stats = evaluate_output(cfg.output.uri, gt, max_dets=cfg.eval.max_dets)
+        eval_stats = evaluate_output(cfg.output.uri, gt, max_dets=cfg.eval.max_dets, fs=writer.fs)
         eval_stats["source"] = source
         if len(models) > 1:
             eval_stats["per_model"] = {
-                m.card.name: evaluate_output(cfg.output.uri, gt, max_dets=cfg.eval.max_dets, table="predictions", source=m.card.name)
+                m.card.name: evaluate_output(cfg.output.uri, gt, max_dets=cfg.eval.max_dets, table="predictions",
+                                             source=m.card.name, fs=writer.fs)
                 for m in models
             }
     result = RunResult(
@@ -222,6 +236,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
         "images_per_s": round(result.images_per_s, 3),
         "shards": sorted(markers),
         "resumed_shards": sorted(committed),
+        "duplicate_rows_dropped": dropped,
         "outputs": {"tables": ["instances", "predictions", "images", "errors"], "instances_source": source,
                     "refined_by": refiner.version if refiner else None,
                     "coco": "coco/instances.json" if coco_counts else None},
@@ -229,6 +244,20 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
     }
     writer.finish(manifest)
     return result
+
+
+def _plan(cfg: WorkflowConfig, files: list[SourceFile], models: list[_Model], refiner: _Model | None) -> dict:
+    """What fixes a run's rows: its inputs and their sharding, the model and refiner versions, and
+    the settings that shape predictions and filter rows. A resume must bring the same."""
+    return {
+        "input": {"uri": cfg.source.uri, "n_files": len(files), "fingerprint": fingerprint(files),
+                  "shard_size": cfg.source.shard_size},
+        "models": [[m.version, s.score_threshold] for m, s in zip(models, cfg.models)],
+        "refiner": refiner.version if refiner else None,
+        "decode": cfg.decode.model_dump(mode="json"),
+        "ensemble": cfg.ensemble.model_dump(mode="json") if cfg.ensemble else None,
+        "output": cfg.output.model_dump(mode="json", include={"primary", "min_score", "min_confidence", "min_votes"}),
+    }
 
 
 def _totals(markers: dict[int, dict]) -> dict:
@@ -274,7 +303,8 @@ def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceF
     ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
     ds = ds.map_batches(
         read_decode,
-        fn_kwargs={"max_pixels": cfg.decode.max_pixels, "max_bytes": cfg.decode.max_bytes},
+        fn_kwargs={"max_pixels": cfg.decode.max_pixels, "max_bytes": cfg.decode.max_bytes,
+                   "storage_options": cfg.source.storage.options(cfg.source.uri)},
         batch_size=cfg.pipeline.read_batch_size,
         num_cpus=cfg.pipeline.read_num_cpus,
         batch_format="numpy",
@@ -296,6 +326,7 @@ def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceF
             num_cpus=stage_cfg.num_cpus,
             num_gpus=n_gpus,
             batch_format="numpy",
+            **stage_cfg.placement(),
         )
     if cfg.ensemble is not None:
         ds = ds.map_batches(
@@ -321,21 +352,32 @@ def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceF
     return ds
 
 
-def _consume(cfg, ds, writer, run_id, models, primary, refiner, expected, stage_ms, progress, t0) -> None:
+def _consume(cfg, ds, writer, run_id, models, primary, refiner, expected, stage_ms, progress, t0, before: dict) -> int:
     """Drain the stream; commit each shard when its last row arrives. Every model's instances go
     to predictions/; instances/ gets the ensemble's (with ``cfg.ensemble``) or the primary model's,
-    filtered by the output thresholds."""
+    filtered by the output thresholds. ``before``: the totals of shards committed earlier (resume).
+
+    Raises ErrorBudgetExceeded once at least ``pipeline.error_budget_min_images`` images are
+    committed and more than ``pipeline.max_error_rate`` of them failed. Returns how many rows
+    arrived twice (from a retried task) and were dropped."""
     from segpipe.ensemble.fuse import decode_fused
     from segpipe.sinks.tables import ensemble_rows, instance_rows, to_table
     from segpipe.structures import Instances
 
     names = {c.id: c.name for c in primary.card.categories}
     pending: dict[int, dict[str, list]] = defaultdict(lambda: {"instances": [], "predictions": [], "images": [], "errors": []})
-    seen: dict[int, int] = defaultdict(int)
+    seen: dict[int, set[int]] = defaultdict(set)  # image ids received per open shard
+    closed: set[int] = set()
+    dropped = 0
     total = sum(expected.values())
     done = 0
+    n_images, n_errors = int(before["images"]), int(before["errors"])
     for row in ds.iter_rows():
         shard = int(row["shard"])
+        if shard in closed or int(row["image_id"]) in seen[shard]:
+            dropped += 1  # a retried task delivered a row twice: keep the first
+            continue
+        seen[shard].add(int(row["image_id"]))
         tables = pending[shard]
         ok = not row["error_type"]
         n_inst = 0
@@ -384,9 +426,10 @@ def _consume(cfg, ds, writer, run_id, models, primary, refiner, expected, stage_
             "sha256": row["sha256"] or None, "size_bytes": int(row["size"]), "source_tag": row["tag"],
             "status": "ok" if ok else "error", "n_instances": n_inst, "shard": shard,
         })
-        seen[shard] += 1
-        if seen[shard] == expected[shard]:
+        if len(seen[shard]) == expected[shard]:
             t = pending.pop(shard)
+            closed.add(shard)
+            del seen[shard]
             errs = defaultdict(int)
             for e in t["errors"]:
                 errs[e["error_type"]] += 1
@@ -401,5 +444,13 @@ def _consume(cfg, ds, writer, run_id, models, primary, refiner, expected, stage_
             eta = (total - done) / rate if rate > 0 else 0.0
             progress(f"[{done}/{total}] shard {shard} committed: {counts['ok']} ok, {counts['errors']} errors, "
                      f"{counts['instances']} instances | {rate:.1f} img/s, ETA {eta:.0f}s")
+            n_images += counts["images"]
+            n_errors += counts["errors"]
+            budget = cfg.pipeline.max_error_rate
+            if n_images >= cfg.pipeline.error_budget_min_images and n_errors > budget * n_images and done < total:
+                raise ErrorBudgetExceeded(f"{n_errors} of {n_images} images failed ({n_errors / n_images:.3f}), over "
+                                          f"pipeline.max_error_rate={budget}; stopped early, committed shards are kept "
+                                          f"(rerun with --run-id {run_id} to go on)")
     if pending:
         raise RuntimeError(f"stream ended with incomplete shards {sorted(pending)}")
+    return dropped

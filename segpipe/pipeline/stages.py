@@ -112,7 +112,8 @@ class ModelStage:
                     try:
                         preds[i] = self.adapter.predict([batch["image"][i]])[0].to_bytes()
                     except Exception as e:  # noqa: BLE001
-                        e_stage[i], e_type[i], e_msg[i] = f"model:{self.name}", type(e).__name__, str(e)[:2000]
+                        # repr when str is empty (a bare assert): an error record always says something
+                        e_stage[i], e_type[i], e_msg[i] = f"model:{self.name}", type(e).__name__, (str(e) or repr(e))[:2000]
                     ms[i] = (time.perf_counter() - t1) * 1000
         out = {k: batch[k] for k in batch if self.keep_image or k != "image"}
         out[f"pred:{self.name}"] = _object_array(preds)

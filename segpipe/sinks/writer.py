@@ -31,37 +31,56 @@ class OutputExistsError(RuntimeError):
     """The output already holds another run's committed data."""
 
 
+class ResumeMismatchError(RuntimeError):
+    """A run is resumed with other inputs or other result-shaping settings than it started with."""
+
+
 def shard_name(shard: int) -> str:
     return f"shard-{shard:05d}"
 
 
 class RunWriter:
-    def __init__(self, output_uri: str, run_id: str, fs: fsspec.AbstractFileSystem | None = None) -> None:
-        self.fs, self.root = resolve(output_uri, fs)
+    def __init__(self, output_uri: str, run_id: str, fs: fsspec.AbstractFileSystem | None = None,
+                 storage_options: dict | None = None) -> None:
+        self.fs, self.root = resolve(output_uri, fs, **(storage_options or {}))
         self.run_id = run_id
 
     def path(self, *parts: str) -> str:
         return "/".join([self.root, *parts])
 
-    def start(self) -> dict[int, dict]:
+    def start(self, plan: dict | None = None) -> dict[int, dict]:
         """Prepare the output; returns this run's already committed shards (resume).
 
-        Raises OutputExistsError when the output holds another run's shards or manifest.
+        ``plan`` (JSON-able: what fixes the rows, e.g. the input fingerprint and model versions) is
+        written to ``_segpipe/plan.json`` on the first start; a resume must bring the same plan.
+        Raises OutputExistsError when the output holds another run's shards, manifest or plan, and
+        ResumeMismatchError when this run's recorded plan differs from ``plan``.
         """
         self.fs.makedirs(self.path("_segpipe", "shards"), exist_ok=True)
         markers = read_markers(self.fs, self.root)
         others = {m["run_id"] for m in markers.values()} - {self.run_id}
-        manifest = self.path("_segpipe", "run.json")
-        if self.fs.exists(manifest):
-            prev = json.loads(self.fs.cat_file(manifest))
-            others |= {prev.get("run_id")} - {self.run_id}
+        prev_plan = None
+        for name in ("run.json", "plan.json"):
+            p = self.path("_segpipe", name)
+            if self.fs.exists(p):
+                doc = json.loads(self.fs.cat_file(p))
+                others |= {doc.get("run_id")} - {self.run_id}
+                prev_plan = doc if name == "plan.json" else prev_plan
         if others:
             raise OutputExistsError(
                 f"output {self.root!r} already holds run {sorted(others)[0]!r}; choose another output.uri, "
                 f"or pass --run-id {sorted(others)[0]} to resume that run"
             )
-        if self.fs.exists(self.path("_segpipe", "staging", self.run_id)):
-            self.fs.rm(self.path("_segpipe", "staging", self.run_id), recursive=True)
+        if plan is not None:
+            plan = json.loads(json.dumps({"run_id": self.run_id, **plan}, default=str))
+            if prev_plan is None:
+                self.write_json("_segpipe/plan.json", plan)
+            elif prev_plan != plan:
+                diff = sorted(k for k in set(plan) | set(prev_plan) if plan.get(k) != prev_plan.get(k))
+                raise ResumeMismatchError(
+                    f"run {self.run_id!r} started with other {', '.join(diff)} than now (see {self.path('_segpipe', 'plan.json')}); "
+                    "resuming would mix results: restore them or start a new run id")
+        _rm_tree(self.fs, self.path("_segpipe", "staging", self.run_id))
         return markers
 
     def write_shard(self, shard: int, tables: dict[str, pa.Table], summary: dict[str, Any]) -> dict:
@@ -82,7 +101,7 @@ class RunWriter:
             self.fs.mv(f"{stage}/{t}.parquet", self.path(t, f"{name}.parquet"))
         marker = {"run_id": self.run_id, "shard": shard, "tables": {t: f"{t}/{name}.parquet" for t in names}, **summary}
         self.write_json(f"_segpipe/shards/{name}.json", marker)
-        self.fs.rm(stage, recursive=True)
+        _rm_tree(self.fs, stage)
         return marker
 
     def write_json(self, relpath: str, obj: Any) -> None:
@@ -102,12 +121,20 @@ class RunWriter:
 
     def abort(self) -> None:
         """Drop this run's staging area (and the staging folder itself once empty)."""
-        stage = self.path("_segpipe", "staging", self.run_id)
-        if self.fs.exists(stage):
-            self.fs.rm(stage, recursive=True)
+        _rm_tree(self.fs, self.path("_segpipe", "staging", self.run_id))
         parent = self.path("_segpipe", "staging")
         if self.fs.exists(parent) and not self.fs.ls(parent):
             self.fs.rmdir(parent)
+
+
+def _rm_tree(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    """Remove ``path`` and everything under it if present (an object store drops an emptied
+    prefix by itself, so it may be gone already)."""
+    try:
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
 
 
 def read_markers(fs: fsspec.AbstractFileSystem, root: str) -> dict[int, dict]:
