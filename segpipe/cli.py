@@ -277,6 +277,34 @@ def ensemble_cmd(
         typer.echo(format_table(evaluate_output(out, gt, max_dets=max_dets)))
 
 
+@app.command("audit")
+def audit_cmd(
+    run_dir: Annotated[str, typer.Argument(help="a run's output folder or URI")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Check a run against its source: every input exactly once in images/ (errored ones also in
+    errors/), nothing lost, nothing duplicated, nothing extra. Exit 1 when it is not sound."""
+    import json
+
+    from segpipe.provenance.audit import audit_run, sound
+    from segpipe.sinks.writer import read_manifest
+
+    try:
+        read_manifest(run_dir)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    a = audit_run(run_dir)
+    ok = sound(a)
+    if as_json:
+        typer.echo(json.dumps(a | {"sound": ok}))
+    else:
+        typer.echo(f"run {a['run_id']} ({a['status']}): inputs {a['inputs']}, images {a['images']} ({a['ok']} ok), "
+                   f"errors {a['errors']}, instances {a['instances']} | lost {a['lost']}, duplicates {a['duplicates']}, "
+                   f"extra {a['extra']}, uncommitted files {a['uncommitted_files']} -> {'sound' if ok else 'NOT SOUND'}")
+    if not ok:
+        raise typer.Exit(1)
+
+
 # --- eval ------------------------------------------------------------------------------------
 
 

@@ -292,3 +292,15 @@ def wait_for_commits(proc, out: Path, n: int, timeout: float = 300) -> None:
         if time.time() - t0 > timeout:
             pytest.fail(f"timed out waiting for {n} commits")
         time.sleep(0.02)
+
+
+def assert_sound(label: str, run_uri: str, fs=None) -> dict:
+    """Audit a run output (segpipe.provenance.audit) and print one line of counts for the record
+    (``pytest -s`` shows them); fail unless nothing is lost, duplicated or extra."""
+    from segpipe.provenance.audit import audit_run, sound
+
+    a = audit_run(run_uri, fs)
+    print(f"\nAUDIT {label}: inputs {a['inputs']}, images {a['images']} ({a['ok']} ok), errors {a['errors']}, "
+          f"instances {a['instances']}, duplicates {a['duplicates']}, lost {a['lost']}, extra {a['extra']}")
+    assert sound(a), a
+    return a

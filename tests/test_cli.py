@@ -22,7 +22,7 @@ def invoke(*args):
 def test_help_lists_every_noun():
     r = invoke("--help")
     assert r.exit_code == 0
-    for noun in ("run", "demo", "eval", "ensemble", "data", "models", "train"):
+    for noun in ("run", "demo", "eval", "ensemble", "data", "models", "train", "audit"):
         assert noun in r.output
 
 

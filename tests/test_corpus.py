@@ -276,6 +276,9 @@ def test_run_over_the_corpus_accounts_for_every_input(ray_local, tiny_card, corp
             assert (err["stage"], err["error_type"]) == (e.stage, e.error_type), (rel, err)
             assert err["message"], rel
     assert result.counts["images"] == len(expect) and result.counts["errors"] == len(errors)
+    from conftest import assert_sound
+
+    assert_sound("bad-input corpus", str(out))
 
     # Masks live in the displayed frame of the EXIF-rotated images. The 1x1 image is predicted
     # (status ok, no model error); its proposals' masks are empty, so the sinks keep none of them.

@@ -11,7 +11,7 @@ from segpipe.config import load_workflow
 from segpipe.pipeline.run import run_workflow
 from segpipe.sinks.writer import ResumeMismatchError, read_committed, read_manifest
 
-from conftest import REPO
+from conftest import REPO, assert_sound
 
 pytestmark = pytest.mark.slow
 
@@ -51,3 +51,4 @@ def test_error_budget_stops_early_and_a_resume_completes(ray_local, tiny_card, m
     images = read_committed(str(out), "images").to_pylist()
     assert sorted(r["relpath"] for r in images) == sorted(p.name for p in mostly_bad.iterdir())
     assert len(read_committed(str(out), "errors")) == 6
+    assert_sound("error budget stop, then resume with a larger budget", str(out))

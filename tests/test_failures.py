@@ -15,7 +15,7 @@ import pytest
 
 from segpipe.sinks.writer import read_committed, read_manifest
 
-from conftest import REPO, _free_port, committed_shards, wait_for_commits
+from conftest import REPO, _free_port, assert_sound, committed_shards, wait_for_commits
 
 pytestmark = pytest.mark.slow
 
@@ -71,13 +71,14 @@ def _key(r: dict) -> tuple:
     return (r["image_id"], r["category_id"], r["mask_rle"], round(r["score"], 4))
 
 
-def _check_exactly_once(out: Path, images: Path, reference: dict) -> None:
+def _check_exactly_once(out: Path, images: Path, reference: dict, label: str) -> None:
     got = _tables(out)
     inputs = sorted(str(p) for p in images.iterdir())
     assert sorted(r["uri"] for r in got["images"]) == inputs
     assert [r["uri"].rsplit("/", 1)[-1] for r in got["errors"]] == ["broken.jpg"]
     assert sorted(map(_key, got["instances"])) == sorted(map(_key, reference["instances"]))
     assert read_manifest(str(out))["status"] == "complete"
+    assert_sound(label, str(out))
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +124,8 @@ def test_model_actor_killed_mid_run(reference, tiny_card, images, tmp_path):
         assert actors, "no model actor process found under the driver"
         _kill(actors[:1])
 
-    _fault_mid_run(_cmd(tiny_card, images, out, "actor-kill", "pipeline.ray_num_cpus=2"), out, kill_actor)
-    _check_exactly_once(out, images, reference)
+    at, _ = _fault_mid_run(_cmd(tiny_card, images, out, "actor-kill", "pipeline.ray_num_cpus=2"), out, kill_actor)
+    _check_exactly_once(out, images, reference, f"model actor SIGKILL after {at} of 7 shards")
 
 
 def _ray_start(args: list[str], env: dict) -> subprocess.Popen:
@@ -184,5 +185,5 @@ def test_worker_node_stopped_mid_run_completes_on_the_head(reference, tiny_card,
 
     cmd = _cmd(tiny_card, images, out, "node-loss", f"pipeline.ray_address={address}",
                "models.0.node_labels={segpipe-role: model}")
-    _fault_mid_run(cmd, out, stop_node)
-    _check_exactly_once(out, images, reference)
+    at, _ = _fault_mid_run(cmd, out, stop_node)
+    _check_exactly_once(out, images, reference, f"worker node SIGKILL after {at} of 7 shards")

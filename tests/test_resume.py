@@ -14,7 +14,7 @@ import pytest
 
 from segpipe.sinks.writer import read_committed, read_manifest
 
-from conftest import REPO, committed_shards, wait_for_commits
+from conftest import REPO, assert_sound, committed_shards, wait_for_commits
 
 pytestmark = pytest.mark.slow
 
@@ -77,3 +77,32 @@ def test_sigkill_then_resume_gives_every_input_exactly_once(reference, tiny_card
     for t in ("instances", "predictions"):
         assert sorted(map(_key, got[t])) == sorted(map(_key, reference[t])), t
     assert not (out / "_segpipe" / "staging").exists()
+    a = assert_sound(f"driver SIGKILL after {committed} of 8 shards, then resume", str(out))
+    assert (a["inputs"], a["images"], a["errors"]) == (8, 8, 2)
+
+
+def test_audit_catches_a_duplicate_and_a_loss(reference, tiny_card, shapes_data, tmp_path):
+    """The auditor itself can fail: a shard committed twice under two numbers is a duplicate, a
+    removed marker is a loss (and its table files become uncommitted)."""
+    import json
+    import shutil
+
+    from segpipe.provenance.audit import audit_run, sound
+
+    out = tmp_path / "out"
+    r = subprocess.run(_cmd(tiny_card, shapes_data, out, "audited"), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sound(audit_run(str(out)))
+    marker = json.loads((out / "_segpipe" / "shards" / "shard-00000.json").read_text())
+    for t, rel in marker["tables"].items():
+        shutil.copy(out / rel, out / t / "shard-00099.parquet")
+    marker.update(shard=99, tables={t: f"{t}/shard-00099.parquet" for t in marker["tables"]})
+    (out / "_segpipe" / "shards" / "shard-00099.json").write_text(json.dumps(marker))
+    a = audit_run(str(out))
+    assert a["duplicates"] == 1 and not sound(a)
+    cli = subprocess.run([*CLI, "audit", str(out)], capture_output=True, text=True, timeout=120)
+    assert cli.returncode == 1 and "NOT SOUND" in cli.stdout
+    (out / "_segpipe" / "shards" / "shard-00099.json").unlink()
+    (out / "_segpipe" / "shards" / "shard-00001.json").unlink()
+    a = audit_run(str(out))
+    assert a["duplicates"] == 0 and a["lost"] == 1 and a["uncommitted_files"] == 8 and not sound(a)
