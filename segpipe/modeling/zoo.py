@@ -63,8 +63,8 @@ def verified_weights(card: ModelCard, card_file: Path) -> Path:
         raise WeightsError(f"{card.name}: weights file {wpath} is missing")
     digest = sha256_file(wpath)
     if digest != card.weights.sha256:
-        raise WeightsError(f"{card.name}: weights file {wpath} has sha256 {digest}, but its card {card_file} says "
-                           f"{card.weights.sha256}; refusing to load")
+        raise WeightsError(f"{card.name}: weights file {wpath} has sha256 {digest}, which does not match its card "
+                           f"{card_file}: {card.weights.sha256}; refusing to load")
     return wpath
 
 
