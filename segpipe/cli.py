@@ -305,6 +305,121 @@ def audit_cmd(
         raise typer.Exit(1)
 
 
+# --- cluster jobs ----------------------------------------------------------------------------
+
+AddressOpt = Annotated[str, typer.Option(envvar="RAY_ADDRESS", help="Ray dashboard / job server, e.g. http://HOST:8265 "
+                                           "(default $RAY_ADDRESS)")]
+
+
+def _job_client_call(fn, *args):
+    """Run a Jobs API call; a connection or unknown-job error exits 1 with its message."""
+    try:
+        return fn(*args)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        _fail(f"{type(e).__name__}: {e}", code=1)
+
+
+@app.command("submit")
+def submit_cmd(
+    workflow: Annotated[Path, typer.Argument(help="workflow YAML (see workflows/)")],
+    address: AddressOpt,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a field: dotted.key=value (repeatable)")] = None,
+    run_id: Annotated[Optional[str], typer.Option(help="run id (default: a new one); an existing run's id resumes it")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="follow the logs until the job ends; exit with its status")] = False,
+    ship_code: Annotated[bool, typer.Option("--ship-code/--no-ship-code", help="send this segpipe package with the "
+                                            "job (default) or use the one installed on the cluster")] = True,
+    entrypoint_num_cpus: Annotated[Optional[float], typer.Option(help="CPUs reserved for the job's driver")] = None,
+    entrypoint_num_gpus: Annotated[Optional[float], typer.Option(help="GPUs reserved for the job's driver")] = None,
+    entrypoint_resource: Annotated[Optional[list[str]], typer.Option(help="NAME=AMOUNT custom resource for the "
+                                                                      "driver (repeatable)")] = None,
+) -> None:
+    """Submit a workflow to a Ray cluster as a job (Ray Jobs API) and print its id.
+
+    The job carries the resolved workflow, the zoo entries it names and (by default) this segpipe
+    package; local paths are made absolute (the cluster must see them: use s3:// URIs for a
+    remote cluster). Example: segpipe submit workflows/demo.yaml --address http://head:8265 --wait
+    """
+    import tempfile
+
+    from segpipe import jobs
+    from segpipe.modeling.zoo import WeightsError
+    from segpipe.pipeline.run import new_run_id
+
+    cfg = _load_workflow_or_exit(workflow, set_ or [])
+    resources = {}
+    for item in entrypoint_resource or []:
+        name, _, amount = item.partition("=")
+        try:
+            resources[name] = float(amount)
+        except ValueError:
+            _fail(f"--entrypoint-resource {item!r}: expected NAME=AMOUNT")
+    run_id = run_id or new_run_id()
+    with tempfile.TemporaryDirectory(prefix="segpipe-job-") as staging:
+        try:
+            job_id = jobs.submit(cfg, address, run_id, staging=Path(staging), ship_code=ship_code,
+                                 entrypoint_num_cpus=entrypoint_num_cpus, entrypoint_num_gpus=entrypoint_num_gpus,
+                                 entrypoint_resources=resources or None)
+        except (FileNotFoundError, WeightsError, ValueError) as e:
+            _fail(str(e))
+        except (ConnectionError, RuntimeError) as e:
+            _fail(f"could not submit to {address}: {type(e).__name__}: {e}", code=1)
+    typer.echo(job_id)
+    if wait:
+        status = jobs.follow(address, job_id, typer.echo)
+        info = jobs.client(address).get_job_info(job_id)
+        typer.echo(f"job {job_id}: {status}" + (f" ({info.message})" if status != "SUCCEEDED" and info.message else ""))
+        if status != "SUCCEEDED":
+            raise typer.Exit(1)
+
+
+@app.command("status")
+def status_cmd(job_id: Annotated[str, typer.Argument(help="job id (segpipe-<run id>)")], address: AddressOpt) -> None:
+    """A job's status and message; exit 0 when it succeeded or is still running, 1 when it failed or was stopped."""
+    from segpipe import jobs
+
+    info = _job_client_call(jobs.client(address).get_job_info, job_id)
+    status = str(getattr(info.status, "value", info.status))
+    typer.echo(f"{job_id}: {status}" + (f" ({info.message})" if info.message else ""))
+    if status in ("FAILED", "STOPPED"):
+        raise typer.Exit(1)
+
+
+@app.command("logs")
+def logs_cmd(
+    job_id: Annotated[str, typer.Argument(help="job id")],
+    address: AddressOpt,
+    follow: Annotated[bool, typer.Option("--follow", help="stream until the job ends")] = False,
+) -> None:
+    """A job's logs (driver output)."""
+    from segpipe import jobs
+
+    if follow:
+        _job_client_call(jobs.follow, address, job_id, typer.echo)
+    else:
+        typer.echo(_job_client_call(jobs.client(address).get_job_logs, job_id), nl=False)
+
+
+@app.command("stop")
+def stop_cmd(job_id: Annotated[str, typer.Argument(help="job id")], address: AddressOpt) -> None:
+    """Stop a running job (its committed shards stay; resubmitting with the same --run-id resumes)."""
+    from segpipe import jobs
+
+    stopped = _job_client_call(jobs.client(address).stop_job, job_id)
+    typer.echo(f"{job_id}: {'stopping' if stopped else 'not running'}")
+
+
+@app.command("jobs")
+def jobs_cmd(address: AddressOpt) -> None:
+    """The cluster's jobs: id, status, start time, entrypoint."""
+    from datetime import datetime, timezone
+
+    from segpipe import jobs
+
+    for j in sorted(_job_client_call(jobs.client(address).list_jobs), key=lambda j: j.start_time or 0):
+        started = datetime.fromtimestamp((j.start_time or 0) / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        typer.echo(f"{j.submission_id or j.job_id}\t{getattr(j.status, 'value', j.status)}\t{started}\t{j.entrypoint}")
+
+
 # --- eval ------------------------------------------------------------------------------------
 
 
