@@ -184,7 +184,7 @@ def _execute(cfg, run_id: Optional[str]) -> None:
         _fail(str(e))
     except WorkflowError as e:
         _fail(f"invalid config: {e}")
-    _print_summary(result, cfg.output.uri)
+    _print_summary(result, result.output_uri)
     if result.status != "complete":
         raise typer.Exit(1)
 
@@ -303,6 +303,35 @@ def audit_cmd(
                    f"extra {a['extra']}, uncommitted files {a['uncommitted_files']} -> {'sound' if ok else 'NOT SOUND'}")
     if not ok:
         raise typer.Exit(1)
+
+
+@app.command("ledger")
+def ledger_cmd(
+    root: Annotated[str, typer.Argument(help="an incremental workflow's output.uri (the dataset root)")],
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """What has been labeled by which model versions: the dataset ledger's runs (new, changed,
+    skipped, failed) and, per model version, the inputs it labeled."""
+    import json
+
+    from segpipe.io.fs import resolve
+    from segpipe.pipeline.incremental import ledger_uri
+    from segpipe.provenance import ledger
+
+    fs, lroot = resolve(ledger_uri(root))
+    records = ledger.read_records(fs, lroot)
+    if not records:
+        _fail(f"{root} has no ledger (no committed incremental run)", code=1)
+    per_version = ledger.summary(ledger.read_rows(fs, lroot))
+    if as_json:
+        typer.echo(json.dumps({"runs": records, "model_versions": per_version}))
+        return
+    for r in records:
+        c = r["counts"]
+        typer.echo(f"{r['run_id']} {r['status']}: listed {c['listed']}, new {c['new']}, changed {c['changed']}, "
+                   f"missing a version {c['partial']}, retried {c['retry']}, skipped {c['skipped']}, failed {c['failed']}")
+    for k, v in per_version.items():
+        typer.echo(f"{k}: {v.get('ok', 0)} inputs labeled, {v.get('error', 0)} failed")
 
 
 # --- cluster jobs ----------------------------------------------------------------------------

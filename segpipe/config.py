@@ -189,6 +189,33 @@ class EvalConfig(Strict):
     max_dets: int = Field(100, ge=1)
 
 
+class IncrementalConfig(Strict):
+    """Incremental labeling: each run labels only what earlier committed runs of this dataset have
+    not labeled with the current model versions. ``output.uri`` is then the dataset's root: runs
+    go to ``<output.uri>/runs/<run_id>`` and the ledger to ``<output.uri>/_ledger``."""
+
+    retry_errors: bool = Field(False, description="retry inputs that failed in an earlier run even when unchanged")
+
+
+class OpenLineageConfig(Strict):
+    """Where to send OpenLineage run events (START, COMPLETE, FAIL): an HTTP backend or a file."""
+
+    url: str | None = Field(None, description="OpenLineage HTTP backend, e.g. http://marquez:5000")
+    endpoint: str = Field("api/v1/lineage", description="path of the lineage endpoint under url")
+    file: str | None = Field(None, description="append events as JSON lines to this local file")
+    namespace: str = Field("segpipe", description="OpenLineage job namespace")
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "OpenLineageConfig":
+        if (self.url is None) == (self.file is None):
+            raise ValueError("set exactly one of url or file")
+        return self
+
+
+class ProvenanceConfig(Strict):
+    openlineage: OpenLineageConfig | None = Field(None, description="emit OpenLineage run events")
+
+
 class WorkflowConfig(Strict):
     """A workflow file (workflows/*.yaml)."""
 
@@ -202,6 +229,9 @@ class WorkflowConfig(Strict):
     refine: RefineConfig | None = Field(None, description="refine the masks that fill instances/")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    incremental: IncrementalConfig | None = Field(None, description="label only new or changed inputs, and only with "
+                                                  "the models whose version changed")
+    provenance: ProvenanceConfig = Field(default_factory=ProvenanceConfig)
 
     @model_validator(mode="after")
     def _distinct_models(self) -> "WorkflowConfig":

@@ -148,13 +148,27 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
                         max_images=cfg.source.max_images, shard_size=cfg.source.shard_size, storage_options=src_opts)
     if not files:
         raise SourceEmptyError(f"source {cfg.source.uri!r} has no files matching {cfg.source.patterns}")
+    inc = None
+    if cfg.incremental is not None:
+        from segpipe.pipeline import incremental
+
+        inc = incremental.prepare(cfg, run_id, files, [(m.card.name, m.version) for m in models])
+        cfg, files = inc.cfg, inc.files
+        c = inc.plan.counts
+        progress(f"incremental: {c['listed']} listed; {c['new']} new, {c['changed']} changed, {c['partial']} missing a "
+                 f"model version, {c['retry']} retried, {c['skipped']} already labeled")
     writer = RunWriter(cfg.output.uri, run_id, storage_options=cfg.output.storage.options(cfg.output.uri))
-    committed = writer.start(_plan(cfg, files, models, refiner))
+    plan = _plan(cfg, files, models, refiner)
+    if inc is not None:
+        plan["incremental"] = inc.digest()
+    committed = writer.start(plan)
     todo = [f for f in files if f.shard not in committed]
     expected: dict[int, int] = defaultdict(int)
     for f in todo:
         expected[f.shard] += 1
     n_shards = len({f.shard for f in files})
+    if inc is not None and not files:
+        progress(f"run {run_id}: nothing new to label")
     progress(f"run {run_id}: {len(files)} images in {n_shards} shards from {cfg.source.uri}"
              + (f" ({len(committed)} shards already committed, resuming)" if committed else ""))
     source = "ensemble" if cfg.ensemble is not None else primary.card.name
@@ -170,7 +184,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
         stage_ms: dict[str, float] = defaultdict(float)
         dropped = 0
         if todo:
-            ds = _build_dataset(cfg, models, todo, has_gpu, refiner, source)
+            ds = _build_dataset(cfg, models, todo, has_gpu, refiner, source, inc)
             dropped = _consume(cfg, ds, writer, run_id, models, primary, refiner, expected, stage_ms, progress, t0,
                                _totals(committed))
     except ErrorBudgetExceeded as e:
@@ -200,7 +214,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
         status = "failed"
         reason = f"error rate {error_rate:.3f} exceeds pipeline.max_error_rate={cfg.pipeline.max_error_rate}"
     eval_stats = None
-    if cfg.eval.gt and not stopped:
+    if cfg.eval.gt and not stopped and counts["ok"]:
         from segpipe.data.coco import read_json
 
         gt = read_json(cfg.eval.gt)  # read once, scored once per table/model
@@ -243,6 +257,12 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
         "eval": eval_stats,
     }
     writer.finish(manifest)
+    if inc is not None:
+        from segpipe.pipeline.incremental import commit
+
+        rec = commit(inc, run_id, [(m.card.name, m.version) for m in models], manifest, started)
+        progress(f"ledger: run {run_id} labeled {rec['counts']['labeled']} inputs ({rec['counts']['model_runs']} model runs); "
+                 f"{rec['counts']['skipped']} skipped as already labeled")
     return result
 
 
@@ -288,7 +308,7 @@ def _gpus(setting, has_gpu: bool) -> float:
 
 
 def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceFile], has_gpu: bool,
-                   refiner: _Model | None, source: str):
+                   refiner: _Model | None, source: str, inc=None):
     import ray
 
     from segpipe.pipeline.stages import ModelStage, RefineStage, fuse_batch, read_decode
@@ -298,6 +318,10 @@ def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceF
     ctx.enable_progress_bars = False  # segpipe prints its own per-shard progress
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # full Ray Data logs stay in the session log dir
     rows = as_rows(todo)
+    if inc is not None:
+        from segpipe.pipeline.incremental import input_rows
+
+        rows = input_rows(inc, rows, [m.card.name for m in models])
     # About one read batch per block, so decoding spreads over tasks and a block never holds many images.
     n_blocks = max(1, min(-(-len(rows) // cfg.pipeline.read_batch_size), 5000))
     ds = ray.data.from_items(rows, override_num_blocks=n_blocks)
@@ -390,11 +414,15 @@ def _consume(cfg, ds, writer, run_id, models, primary, refiner, expected, stage_
             stage_ms["refine"] += float(row["ms:refine"])
         if ok:
             for m in models:
+                cached = bool(row.get(f"cached:{m.card.name}", False))  # an earlier run's: in its predictions/
+                if cached and not (m is primary and cfg.ensemble is None):
+                    continue
                 inst = Instances.from_bytes(row[f"pred:{m.card.name}"])
                 rows = instance_rows(inst, run_id=run_id, image_id=int(row["image_id"]), image_uri=row["uri"],
                                      model=m.card.name, model_version=m.version, category_names=names,
                                      min_score=cfg.output.min_score)
-                tables["predictions"].extend(rows)
+                if not cached:
+                    tables["predictions"].extend(rows)
                 if m is primary and cfg.ensemble is None:
                     if refiner is not None:
                         rows = instance_rows(Instances.from_bytes(row["pred:refined"]), run_id=run_id, image_id=int(row["image_id"]),

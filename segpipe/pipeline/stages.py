@@ -94,8 +94,9 @@ class ModelStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["uri"])
-        ok = [i for i in range(n) if not batch["error_type"][i]]
-        preds = [b""] * n
+        cached = batch.get(f"cached:{self.name}")  # incremental: an earlier run's prediction rides along
+        ok = [i for i in range(n) if not batch["error_type"][i] and not (cached is not None and cached[i])]
+        preds = [b""] * n if cached is None else [batch[f"pred:{self.name}"][i] if cached[i] else b"" for i in range(n)]
         ms = np.zeros(n, np.float64)
         e_stage, e_type, e_msg = list(batch["error_stage"]), list(batch["error_type"]), list(batch["error_message"])
         if ok:
