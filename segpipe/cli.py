@@ -334,6 +334,76 @@ def ledger_cmd(
         typer.echo(f"{k}: {v.get('ok', 0)} inputs labeled, {v.get('error', 0)} failed")
 
 
+@app.command("schedule")
+def schedule_cmd(
+    workflow: Annotated[Path, typer.Argument(help="workflow YAML (an incremental one labels only what is new)")],
+    every: Annotated[Optional[str], typer.Option(help="interval: 90s, 15m, 1h, 1d")] = None,
+    cron: Annotated[Optional[str], typer.Option(help="5-field cron expression (UTC), e.g. '0 * * * *'")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a field: dotted.key=value (repeatable)")] = None,
+    max_runs: Annotated[Optional[int], typer.Option(help="stop after this many runs (default: run until interrupted)")] = None,
+    print_: Annotated[Optional[str], typer.Option("--print", help="print the equivalent 'cron' (crontab line) or "
+                                                  "'kubernetes' (CronJob) instead of running")] = None,
+    address: Annotated[str, typer.Option(help="--print kubernetes: the Ray job server the CronJob submits to")] =
+        "http://segpipe-gpu-head-svc:8265",
+    image: Annotated[str, typer.Option(help="--print kubernetes: the segpipe image")] = "ghcr.io/segpipe/segpipe:0.1.0-cpu",
+) -> None:
+    """Run a workflow periodically in the foreground (each run a new run id), or print the
+    equivalent crontab entry / Kubernetes CronJob. Example: segpipe schedule wf.yaml --every 1h"""
+    import time as _time
+    from datetime import datetime, timedelta, timezone
+
+    from segpipe import schedule
+    from segpipe.pipeline.run import new_run_id, run_workflow
+
+    cfg = _load_workflow_or_exit(workflow, set_ or [])
+    if (every is None) == (cron is None):
+        _fail("give exactly one of --every or --cron")
+    try:
+        period = schedule.parse_every(every) if every else None
+        expr = cron if cron else None
+        if cron:
+            schedule.Cron(cron)
+        if print_ is not None:
+            expr = expr or schedule.every_as_cron(period)
+    except ValueError as e:
+        _fail(str(e))
+    if print_ is not None:
+        sets = list(set_ or [])
+        if print_ == "cron":
+            typer.echo(schedule.crontab_line(expr, str(workflow.resolve()), sets, cwd=str(Path.cwd()),
+                                             log=str(Path.cwd() / f"segpipe-{cfg.name}.log")))
+        elif print_ == "kubernetes":
+            wf = f"/opt/segpipe/workflows/{workflow.name}"
+            typer.echo(schedule.kubernetes_cronjob(expr, wf, sets, name=f"segpipe-{cfg.name}", image=image, address=address),
+                       nl=False)
+        else:
+            _fail(f"--print {print_!r}: expected cron or kubernetes")
+        return
+    n = 0
+    next_at = datetime.now(timezone.utc)
+    while max_runs is None or n < max_runs:
+        wait = (next_at - datetime.now(timezone.utc)).total_seconds()
+        if wait > 0:
+            _time.sleep(wait)
+        run_id = new_run_id()
+        typer.echo(f"schedule: run {n + 1} ({run_id}) at {datetime.now(timezone.utc).isoformat(timespec='seconds')}")
+        try:
+            result = run_workflow(cfg, run_id=run_id, progress=lambda m: typer.echo(m))
+            typer.echo(f"schedule: run {run_id} {result.status}, {result.counts['images']} images")
+        except Exception as e:  # noqa: BLE001 - one failed run must not stop the schedule
+            typer.echo(f"schedule: run {run_id} failed: {type(e).__name__}: {e}")
+        n += 1
+        now = datetime.now(timezone.utc)
+        if period:
+            next_at = next_at + timedelta(seconds=period)
+            while next_at <= now:  # a run longer than the period skips the missed ticks
+                next_at = next_at + timedelta(seconds=period)
+        else:
+            next_at = schedule.Cron(expr).next_after(now.replace(tzinfo=None)).replace(tzinfo=timezone.utc)
+        if max_runs is None or n < max_runs:
+            typer.echo(f"schedule: next run at {next_at.isoformat(timespec='seconds')}")
+
+
 # --- cluster jobs ----------------------------------------------------------------------------
 
 AddressOpt = Annotated[str, typer.Option(envvar="RAY_ADDRESS", help="Ray dashboard / job server, e.g. http://HOST:8265 "

@@ -22,7 +22,8 @@ def invoke(*args):
 def test_help_lists_every_noun():
     r = invoke("--help")
     assert r.exit_code == 0
-    for noun in ("run", "demo", "eval", "ensemble", "data", "models", "train", "audit"):
+    for noun in ("run", "demo", "eval", "ensemble", "data", "models", "train", "audit", "submit", "status", "logs",
+                 "stop", "jobs", "schedule", "ledger"):
         assert noun in r.output
 
 

@@ -175,6 +175,12 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
     progress("models: " + ", ".join(m.version for m in models) + (f" (instances/ from {source})" if len(models) > 1 else "")
              + (f", refined by {refiner.version}" if refiner else ""))
 
+    from segpipe.provenance.lineage import emitter_for
+
+    lineage = emitter_for(cfg, run_id, models=[(m.card.name, m.version) for m in models],
+                          refiner=(refiner.card.name, refiner.version) if refiner else None, started=started)
+    if lineage is not None:
+        lineage.start()
     started_ray = _init_ray(cfg)
     try:
         has_gpu = ray.cluster_resources().get("GPU", 0) > 0
@@ -191,8 +197,10 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
         writer.abort()
         stopped = str(e)
         progress(f"run {run_id}: stopping: {stopped}")
-    except BaseException:
+    except BaseException as e:
         writer.abort()
+        if lineage is not None:
+            lineage.fail(f"{type(e).__name__}: {e}")
         raise
     else:
         stopped = None
@@ -257,6 +265,8 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
         "eval": eval_stats,
     }
     writer.finish(manifest)
+    if lineage is not None:
+        lineage.complete(manifest) if status == "complete" else lineage.fail(reason or status, manifest)
     if inc is not None:
         from segpipe.pipeline.incremental import commit
 
