@@ -454,6 +454,11 @@ class RSISParams(EmbedNetParams):
                           "level (which also sees pixel coordinates), fed to the finer levels and the refinement, and "
                           "trained towards the matched object's mask (not in the paper)")
     w_pointer: float = Field(1.0, ge=0, description="pointer cross-entropy weight")
+    guided: bool = Field(False, description="with pointer: the pointer picks the object and the mask follows it. In "
+                         "training each step is fed (one-hot at the coarsest level) the remaining object its pointer "
+                         "rates highest, learns that object's mask (no matching), and its pointer learns a set target "
+                         "(any remaining object); the canvas is teacher-forced. At inference the pointer's argmax cell "
+                         "is fed (not in the paper)")
     order_prior: float = Field(0.0, ge=0, description="added matching cost |step - rank| / N, rank = the object's "
                                "order top to bottom (by centroid): breaks the set loss's ties towards one order; 0 = "
                                "the paper's pure Hungarian matching")
@@ -467,6 +472,8 @@ class RSISParams(EmbedNetParams):
     def _levels(self) -> "RSISParams":
         if len(self.lstm_channels) > len(self.channels):
             raise ValueError(f"lstm_channels: {len(self.lstm_channels)} levels but the encoder has only {len(self.channels)}")
+        if self.guided and not (self.pointer and self.feed_canvas):
+            raise ValueError("guided: needs pointer and feed_canvas")
         return self
 
 

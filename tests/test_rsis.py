@@ -212,6 +212,8 @@ def _targets():
                                          ({"feed_canvas": False}, {"loss_mask", "loss_bce", "loss_fg", "loss_stop", "loss_step_class"}),
                                          ({"foreground": False}, {"loss_mask", "loss_bce", "loss_stop", "loss_step_class"}),
                                          ({"pointer": True, "order_prior": 0.5},
+                                          {"loss_mask", "loss_bce", "loss_fg", "loss_pointer", "loss_stop", "loss_step_class"}),
+                                         ({"pointer": True, "guided": True},
                                           {"loss_mask", "loss_bce", "loss_fg", "loss_pointer", "loss_stop", "loss_step_class"})])
 def test_tiny_rsis_forward_backward(extra, keys):
     net = _tiny(extra).train()
@@ -222,6 +224,48 @@ def test_tiny_rsis_forward_backward(extra, keys):
         assert net.pointer_head.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="targets"):
         net(images)
+
+
+def test_interior_cells_lie_inside_the_object_even_for_a_ring():
+    from segpipe.modeling.rsis import interior_cells
+
+    m = torch.zeros((2, 32, 32), dtype=torch.bool)
+    m[0, 4:12, 20:28] = True  # a square: its centre
+    yy, xx = torch.meshgrid(torch.arange(32), torch.arange(32), indexing="ij")
+    r = ((yy - 16) ** 2 + (xx - 16) ** 2).float().sqrt()
+    m[1] = (r >= 8) & (r <= 13)  # a ring: the centroid (its hole) is not in it
+    px = interior_cells(m, (32, 32))  # one cell per pixel: the interior pixel itself
+    for j in range(2):
+        assert bool(m[j].flatten()[px[j]])  # inside the object (the ring's centroid would be in its hole)
+    y, x = divmod(int(px[0]), 32)
+    assert 7 <= y <= 8 and 23 <= x <= 24  # the square's centre
+    assert abs(float(r.flatten()[px[1]]) - 10.5) <= 1.0  # mid-ring
+    cells = interior_cells(m, (4, 4))  # 8-pixel cells: the cell holding that pixel
+    assert int(cells[0]) == (y // 8) * 4 + x // 8
+
+
+def test_set_pointer_loss_rewards_any_remaining_object():
+    from segpipe.modeling.rsis import set_pointer_loss
+
+    logits = torch.full((4, 4), -10.0)
+    logits[0, 0] = logits[3, 3] = 10.0  # half the mass on each of two cells
+    both = set_pointer_loss(logits, torch.tensor([0, 15]))
+    one = set_pointer_loss(logits, torch.tensor([15]))
+    other = set_pointer_loss(logits, torch.tensor([5]))
+    assert float(both) < 1e-3 and abs(float(one) - np.log(2)) < 1e-3 and float(other) > 15
+
+
+def test_guided_training_feeds_the_pointer_choice_and_infers_with_its_argmax():
+    net = _tiny({"pointer": True, "guided": True}).train()
+    images, targets = _targets()
+    assert_training_reduces_loss(net, images, targets)
+    net.eval()
+    with torch.no_grad():
+        net.stop_head.bias.fill_(-20.0)
+        out = net(images)
+    assert len(out) == 2 and all(len(c) <= net.params.max_steps for c in out)
+    with pytest.raises(ValueError, match="guided"):
+        RSISParams.model_validate(TINY | {"guided": True})
 
 
 def test_a_few_rsis_steps_reduce_the_loss():

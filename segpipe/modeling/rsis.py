@@ -133,6 +133,32 @@ def rsis_loss(mask_logits: torch.Tensor, class_logits: torch.Tensor | None, stop
     return {"mask": mask_loss, "bce": bce, "class": cls, "stop": stop, "pointer": ptr}
 
 
+def interior_cells(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """bool [N, H, W] -> int64 [N]: the flat index, on an h x w ``grid`` over the image, of each
+    instance's most interior pixel (the maximum of its distance transform; a ring's lies on the
+    ring, not in its hole). Empty instances get cell 0."""
+    from scipy.ndimage import distance_transform_edt
+
+    n, hh, ww = masks.shape
+    gh, gw = grid
+    out = torch.zeros(n, dtype=torch.int64)
+    arr = masks.cpu().numpy()
+    for j in range(n):
+        if not arr[j].any():
+            continue
+        dist = distance_transform_edt(np.pad(arr[j], 1))[1:-1, 1:-1]
+        y, x = np.unravel_index(int(dist.argmax()), dist.shape)
+        out[j] = min(y * gh // hh, gh - 1) * gw + min(x * gw // ww, gw - 1)
+    return out
+
+
+def set_pointer_loss(pointer_logits: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+    """-log of the spatial softmax mass on any of ``cells`` (int64 [K], K >= 1): pointing at any
+    remaining object is right. ``pointer_logits`` [h, w]."""
+    logp = F.log_softmax(pointer_logits.flatten(), 0)
+    return -torch.logsumexp(logp[cells], 0)
+
+
 # --- the network -------------------------------------------------------------------------------
 
 
@@ -215,12 +241,14 @@ class RSISNet(nn.Module):
         return skips, outs[0], fg
 
     def step(self, skips: list[torch.Tensor], fine: torch.Tensor, canvas: torch.Tensor | None, states: list | None,
-             fg: torch.Tensor | None = None):
+             fg: torch.Tensor | None = None, guide=None):
         """One decoder step -> (mask logits [B, Hp, Wp], class logits [B, C] or None, stop logits
         [B], new states, pointer logits [B, h, w] at the coarsest level or None without
         ``pointer``). ``canvas`` [B, 1, Hp, Wp] in [0, 1] (None without ``feed_canvas``); ``fg``
-        the foreground logits of ``encode`` (None without ``foreground``). The mask is refined at
-        stride 2 (``fine``) and upsampled bilinearly."""
+        the foreground logits of ``encode`` (None without ``foreground``). With ``guided``, the
+        finer levels get a one-hot map of the cell ``guide(pointer logits)`` returns (int64 [B]
+        flat cells; default the argmax). The mask is refined at stride 2 (``fine``) and upsampled
+        bilinearly."""
         states = states or [None] * self.levels
         new_states, pooled = [], []
         maps = []  # [B, 1, Hp/2, Wp/2] side inputs: the canvas, the uncovered foreground
@@ -248,6 +276,9 @@ class RSISNet(nn.Module):
             y = h
             if i == 0 and self.pointer_head is not None:
                 ptr_logits, ptr_map = self._point(h)
+                if self.params.guided:
+                    cells = guide(ptr_logits) if guide is not None else ptr_logits.detach().flatten(1).argmax(1)
+                    ptr_map = F.one_hot(cells, ptr_logits[0].numel()).to(h.dtype).reshape(h.shape[0], 1, *h.shape[-2:])
         parts = [F.interpolate(self.to_fine(y), size=fine.shape[-2:], mode="bilinear", align_corners=False), fine]
         if side is not None:
             parts.append(side)
@@ -283,6 +314,8 @@ class RSISNet(nn.Module):
 
     def _losses(self, x: torch.Tensor, targets: Sequence[dict]) -> dict[str, torch.Tensor]:
         p = self.params
+        if p.guided:
+            return self._guided_losses(x, targets)
         skips, fine, fg = self.encode(x)
         hp, wp = x.shape[-2:]
         n_max = max(int(t["masks"].shape[0]) for t in targets)
@@ -313,6 +346,66 @@ class RSISNet(nn.Module):
         if fg is not None:
             fg_full = F.interpolate(fg, size=(hp, wp), mode="bilinear", align_corners=False)[:, 0]
             losses["loss_fg"] = p.w_fg * F.binary_cross_entropy_with_logits(fg_full, torch.stack(unions).float())
+        if self.class_head is not None:
+            losses["loss_step_class"] = p.w_step_class * mean["class"]
+        if self.classifier is not None:
+            losses["loss_class"] = p.w_class * self.classifier.batch_loss(x, targets)
+        return losses
+
+    def _guided_losses(self, x: torch.Tensor, targets: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """``guided`` training: no matching. Each step, per image, the remaining object with the
+        highest pointer probability at its interior cell is fed and supervises the mask (soft IoU
+        + BCE) and class; the pointer gets ``set_pointer_loss`` over the remaining objects; the
+        stop target is 1 once none remain; the canvas receives the chosen ground-truth masks."""
+        p = self.params
+        skips, fine, fg = self.encode(x)
+        b_n, hp, wp = x.shape[0], x.shape[2], x.shape[3]
+        gts = [pad_masks(t["masks"].to(x.device), hp, wp) for t in targets]
+        grid = tuple(skips[0].shape[-2:])
+        cells = [interior_cells(g, grid).to(x.device) for g in gts]
+        left = [list(range(g.shape[0])) for g in gts]
+        steps = min(max(g.shape[0] for g in gts) + 1, p.max_steps)
+        canvas = x.new_zeros((b_n, 1, hp, wp))
+        states = None
+        terms: dict[str, list] = {"mask": [], "bce": [], "class": [], "stop": [], "pointer": []}
+        for _ in range(steps):
+            chosen = [-1] * b_n
+
+            def guide(logits: torch.Tensor) -> torch.Tensor:
+                out = logits.detach().flatten(1).argmax(1)
+                probs = logits.detach().flatten(1)
+                for b in range(b_n):
+                    if left[b]:
+                        idx = torch.as_tensor(left[b], device=x.device)
+                        chosen[b] = left[b][int(probs[b, cells[b][idx]].argmax())]
+                        out[b] = cells[b][chosen[b]]
+                return out
+
+            m, c, s, states, ptr = self.step(skips, fine, canvas, states, fg, guide=guide)
+            for b in range(b_n):
+                j = chosen[b]
+                terms["stop"].append(F.binary_cross_entropy_with_logits(s[b], s.new_tensor(float(j < 0))))
+                if j < 0:
+                    continue
+                g = gts[b][j].flatten().float()
+                prob = torch.sigmoid(m[b]).flatten()
+                inter = (prob * g).sum()
+                terms["mask"].append(1.0 - inter / (prob.sum() + g.sum() - inter).clamp(min=1e-6))
+                terms["bce"].append(F.binary_cross_entropy_with_logits(m[b].flatten(), g))
+                terms["pointer"].append(set_pointer_loss(ptr[b], cells[b][torch.as_tensor(left[b], device=x.device)]))
+                if c is not None:
+                    terms["class"].append(F.cross_entropy(c[b][None], targets[b]["labels"].to(x.device)[j][None] - 1))
+                left[b].remove(j)
+                canvas[b, 0] = torch.maximum(canvas[b, 0], gts[b][j].float())
+        zero = x.sum() * 0.0
+        mean = {k: torch.stack(v).mean() if v else zero for k, v in terms.items()}
+        losses = {"loss_mask": p.w_mask * mean["mask"], "loss_bce": p.w_bce * mean["bce"], "loss_stop": p.w_stop * mean["stop"],
+                  "loss_pointer": p.w_pointer * mean["pointer"]}
+        if fg is not None:
+            union = torch.stack([g.any(0) if g.shape[0] else torch.zeros((hp, wp), dtype=torch.bool, device=x.device)
+                                 for g in gts]).float()
+            fg_full = F.interpolate(fg, size=(hp, wp), mode="bilinear", align_corners=False)[:, 0]
+            losses["loss_fg"] = p.w_fg * F.binary_cross_entropy_with_logits(fg_full, union)
         if self.class_head is not None:
             losses["loss_step_class"] = p.w_step_class * mean["class"]
         if self.classifier is not None:
