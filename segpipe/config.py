@@ -189,6 +189,28 @@ class EvalConfig(Strict):
     max_dets: int = Field(100, ge=1)
 
 
+class TilingConfig(Strict):
+    """Sliding-window inference (segpipe.ops.tiles): each model sees tiles of its training size."""
+
+    mode: Literal["off", "auto", "on"] = Field("off", description="auto tiles images whose longer side exceeds "
+                                              "auto_factor x the model's tile")
+    tile: int | None = Field(None, ge=16, description="tile side, pixels (default per model: its training crop or "
+                                                      "training image size)")
+    overlap: float = Field(0.25, ge=0, lt=1, description="overlap of neighbouring tiles, a ratio of the tile")
+    auto_factor: float = Field(1.5, ge=1, description="auto: tile when the longer side exceeds this x the tile")
+    ios_thresh: float = Field(0.5, gt=0, le=1, description="merge duplicates at this intersection over smaller")
+    full_image: bool = Field(False, description="also run the model on the image downscaled to one tile and merge "
+                                                "in its large objects (those a tile cannot hold)")
+    full_image_min_size: float = Field(0.5, gt=0, le=2, description="full_image: keep its objects whose longer box "
+                                       "side exceeds this x the tile (in image pixels)")
+
+    @field_validator("mode", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v):
+        """YAML reads a bare on / off as a boolean."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+
 class IncrementalConfig(Strict):
     """Incremental labeling: each run labels only what earlier committed runs of this dataset have
     not labeled with the current model versions. ``output.uri`` is then the dataset's root: runs
@@ -229,6 +251,7 @@ class WorkflowConfig(Strict):
     refine: RefineConfig | None = Field(None, description="refine the masks that fill instances/")
     pipeline: PipelineConfig = Field(default_factory=PipelineConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    tiling: TilingConfig = Field(default_factory=TilingConfig)
     incremental: IncrementalConfig | None = Field(None, description="label only new or changed inputs, and only with "
                                                   "the models whose version changed")
     provenance: ProvenanceConfig = Field(default_factory=ProvenanceConfig)

@@ -285,6 +285,7 @@ def _plan(cfg: WorkflowConfig, files: list[SourceFile], models: list[_Model], re
         "models": [[m.version, s.score_threshold] for m, s in zip(models, cfg.models)],
         "refiner": refiner.version if refiner else None,
         "decode": cfg.decode.model_dump(mode="json"),
+        "tiling": cfg.tiling.model_dump(mode="json"),
         "ensemble": cfg.ensemble.model_dump(mode="json") if cfg.ensemble else None,
         "output": cfg.output.model_dump(mode="json", include={"primary", "min_score", "min_confidence", "min_votes"}),
     }
@@ -354,6 +355,8 @@ def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceF
                 "num_threads": int(stage_cfg.num_cpus),
                 "score_threshold": stage_cfg.score_threshold,
                 "keep_image": k < len(models) - 1 or refiner is not None,  # the refiner reads the image
+                "tiling": cfg.tiling.model_dump(mode="json"),
+                "batch_size": stage_cfg.batch_size,
             },
             compute=ray.data.ActorPoolStrategy(size=stage_cfg.concurrency),
             batch_size=stage_cfg.batch_size,

@@ -79,9 +79,12 @@ class ModelStage:
     """
 
     def __init__(self, *, model_ref: str, model_name: str, use_gpu: bool, num_threads: int,
-                 score_threshold: float | None, keep_image: bool, zoo_dir: str | None = None) -> None:
+                 score_threshold: float | None, keep_image: bool, zoo_dir: str | None = None,
+                 tiling: dict | None = None, batch_size: int = 4) -> None:
         import torch
 
+        from segpipe.config import TilingConfig
+        from segpipe.modeling.tiled import default_tile
         from segpipe.modeling.zoo import DEFAULT_ZOO, load_adapter
 
         torch.set_num_threads(max(1, num_threads))
@@ -91,11 +94,21 @@ class ModelStage:
             self.adapter.set_score_threshold(score_threshold)
         self.name = model_name
         self.keep_image = keep_image
+        self.tiling = TilingConfig.model_validate(tiling or {})
+        self.tile = self.tiling.tile or default_tile(self.card)
+        self.batch_size = batch_size
+
+    def _tiles(self, image: np.ndarray) -> bool:
+        from segpipe.modeling.tiled import needs_tiling
+
+        return needs_tiling(int(image.shape[0]), int(image.shape[1]), self.tile, self.tiling)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["uri"])
         cached = batch.get(f"cached:{self.name}")  # incremental: an earlier run's prediction rides along
         ok = [i for i in range(n) if not batch["error_type"][i] and not (cached is not None and cached[i])]
+        tiled = [i for i in ok if self._tiles(batch["image"][i])]
+        ok = [i for i in ok if i not in tiled]
         preds = [b""] * n if cached is None else [batch[f"pred:{self.name}"][i] if cached[i] else b"" for i in range(n)]
         ms = np.zeros(n, np.float64)
         e_stage, e_type, e_msg = list(batch["error_stage"]), list(batch["error_type"]), list(batch["error_message"])
@@ -116,6 +129,15 @@ class ModelStage:
                         # repr when str is empty (a bare assert): an error record always says something
                         e_stage[i], e_type[i], e_msg[i] = f"model:{self.name}", type(e).__name__, (str(e) or repr(e))[:2000]
                     ms[i] = (time.perf_counter() - t1) * 1000
+        for i in tiled:
+            from segpipe.modeling.tiled import tiled_predict
+
+            t1 = time.perf_counter()
+            try:
+                preds[i] = tiled_predict(self.adapter, batch["image"][i], self.tile, self.tiling, self.batch_size).to_bytes()
+            except Exception as e:  # noqa: BLE001
+                e_stage[i], e_type[i], e_msg[i] = f"model:{self.name}", type(e).__name__, (str(e) or repr(e))[:2000]
+            ms[i] = (time.perf_counter() - t1) * 1000
         out = {k: batch[k] for k in batch if self.keep_image or k != "image"}
         out[f"pred:{self.name}"] = _object_array(preds)
         out[f"ms:{self.name}"] = ms
