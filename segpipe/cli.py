@@ -45,14 +45,20 @@ def data_synth(
     n: Annotated[int, typer.Option(help="number of images")] = 100,
     seed: Annotated[int, typer.Option(help="random seed (datasets are a pure function of it)")] = 0,
     size: Annotated[int, typer.Option(help="image height and width, pixels")] = 256,
+    min_objects: Annotated[int, typer.Option(help="fewest objects per image")] = 3,
+    max_objects: Annotated[int, typer.Option(help="most objects per image")] = 12,
+    min_size: Annotated[float, typer.Option(help="smallest object diameter, pixels")] = 8.0,
+    max_size: Annotated[Optional[float], typer.Option(help="largest object diameter (default: half the side)")] = None,
 ) -> None:
-    """Write a synthetic COCO dataset of the shapes domain."""
+    """Write a synthetic COCO dataset of the shapes domain (large images with many small objects:
+    e.g. --size 2048 --min-objects 150 --max-objects 250 --max-size 40)."""
     from pydantic import ValidationError
 
     from segpipe.data.synthetic import SynthSpec, write_dataset
 
     try:
-        spec = SynthSpec(n=n, seed=seed, height=size, width=size)
+        spec = SynthSpec(n=n, seed=seed, height=size, width=size, min_objects=min_objects, max_objects=max_objects,
+                         min_size=min_size, max_size=max_size)
     except ValidationError as e:
         _fail(_config_error(e))
     path = write_dataset(spec, out)
@@ -402,6 +408,55 @@ def schedule_cmd(
             next_at = schedule.Cron(expr).next_after(now.replace(tzinfo=None)).replace(tzinfo=timezone.utc)
         if max_runs is None or n < max_runs:
             typer.echo(f"schedule: next run at {next_at.isoformat(timespec='seconds')}")
+
+
+bench_app = typer.Typer(help="benchmarks: measured figures, printed as a table and written as JSON", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("tiling")
+def bench_tiling(
+    data: Annotated[Path, typer.Option(help="a COCO folder (annotations.json + images/) of large images")],
+    model: Annotated[list[str], typer.Option(help="zoo model (repeatable)")],
+    overlap: Annotated[float, typer.Option(help="tile overlap ratio")] = 0.25,
+    max_images: Annotated[Optional[int], typer.Option(help="use the first N images")] = None,
+    native: Annotated[bool, typer.Option("--native/--no-native", help="also run each image whole at full resolution")] = True,
+    out: Annotated[Optional[Path], typer.Option(help="write the results JSON here")] = None,
+) -> None:
+    """Mask AP (all, small) of tiled vs downscaled vs native inference, and the seam IoU of
+    objects crossing tile edges. Example: segpipe data synth --out big --n 8 --size 1536
+    --min-objects 120 --max-objects 200 --max-size 40 && segpipe bench tiling --data big --model maskrcnn-shapes"""
+    from segpipe.bench import tiling
+
+    res = tiling.run(model, data, overlap=overlap, max_images=max_images, native=native, log=typer.echo)
+    typer.echo(tiling.table(res))
+    if out:
+        out.write_text(json.dumps(res, indent=1))
+
+
+@bench_app.command("tiling-memory")
+def bench_tiling_memory(
+    size: Annotated[int, typer.Option(help="image side, pixels")] = 8000,
+    instances: Annotated[int, typer.Option(help="objects in the image")] = 2000,
+    tile: Annotated[int, typer.Option(help="tile side (no --model)")] = 512,
+    model: Annotated[Optional[str], typer.Option(help="run this zoo model over a size x size mosaic of --data's "
+                                                 "images instead of merging synthetic predictions")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="with --model: a COCO folder whose images make the mosaic")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="write the results JSON here")] = None,
+) -> None:
+    """Peak memory and time of a huge image: tiling and merging synthetic predictions of many
+    instances (no model), or a zoo model run tiled over a mosaic (--model, --data)."""
+    from segpipe.bench import tiling
+
+    if model is not None:
+        if data is None:
+            _fail("--model needs --data (the images that make the mosaic)")
+        res = tiling.model_memory(model, data, size=size)
+    else:
+        res = tiling.merge_memory(size=size, n_instances=instances, tile=tile)
+    typer.echo(json.dumps(res))
+    if out:
+        out.write_text(json.dumps(res, indent=1))
 
 
 # --- cluster jobs ----------------------------------------------------------------------------

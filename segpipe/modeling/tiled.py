@@ -50,14 +50,14 @@ def tiled_predict(adapter, image: np.ndarray, tile: int, cfg: TilingConfig, batc
     if not cfg.full_image:
         return merged
     scale = tile / max(h, w)
-    small = _resize(image, max(1, round(h * scale)), max(1, round(w * scale)))
+    small = resize(image, max(1, round(h * scale)), max(1, round(w * scale)))
     coarse = upscale(adapter.predict([small])[0], h, w)
     side = np.maximum(coarse.boxes[:, 2] - coarse.boxes[:, 0], coarse.boxes[:, 3] - coarse.boxes[:, 1])
     large = coarse.select(np.nonzero(side > cfg.full_image_min_size * tile)[0])
     return merge_greedy(concat([merged, large], h, w), cfg.ios_thresh)
 
 
-def _resize(image: np.ndarray, h: int, w: int) -> np.ndarray:
+def resize(image: np.ndarray, h: int, w: int) -> np.ndarray:
     x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
     y = F.interpolate(x, size=(h, w), mode="area" if h < image.shape[0] else "bilinear", align_corners=None)
     return y[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()

@@ -1,0 +1,1 @@
+"""Benchmarks behind `segpipe bench ...`: each measures, prints a table and returns JSON-able results."""
