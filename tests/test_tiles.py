@@ -150,3 +150,28 @@ def test_merge_tiles_keeps_nothing_from_empty_tiles():
     t = Tile(0, 0, 10, 10, (0, 0, 10, 10))
     out = merge_tiles([(t, Instances(height=10, width=10))], 10, 10)
     assert len(out) == 0 and (out.height, out.width) == (10, 10)
+
+
+def test_overlapping_pairs_equal_brute_force_and_sparse_ios_the_dense_one():
+    from segpipe.ops.tiles import overlapping_pairs, sparse_ios
+
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        a = rng.uniform(0, 900, (40, 2))
+        a = np.concatenate([a, a + rng.uniform(1, 300, (40, 2))], 1)
+        b = rng.uniform(0, 900, (30, 2))
+        b = np.concatenate([b, b + rng.uniform(1, 300, (30, 2))], 1)
+        ii, jj = overlapping_pairs(a, b, cell=128)
+        brute = {(i, j) for i in range(40) for j in range(30)
+                 if min(a[i, 2], b[j, 2]) > max(a[i, 0], b[j, 0]) and min(a[i, 3], b[j, 3]) > max(a[i, 1], b[j, 1])}
+        assert set(zip(ii.tolist(), jj.tolist())) == brute
+    m = np.zeros((6, 64, 64), np.uint8)
+    for k in range(6):
+        y, x = rng.integers(0, 48, 2)
+        m[k, y:y + 16, x:x + 12] = 1
+    inst = _inst(m.astype(bool), np.linspace(0.9, 0.4, 6))
+    dense = intersection_over_smaller(inst.masks, inst.masks)
+    sparse = sparse_ios(inst.masks, inst.boxes, inst.masks, inst.boxes)
+    for i in range(6):
+        for j in range(6):
+            assert abs(sparse.get((i, j), 0.0) - dense[i, j]) < 1e-9

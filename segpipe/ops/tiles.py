@@ -123,6 +123,52 @@ def intersection_over_smaller(a: Sequence[dict], b: Sequence[dict]) -> np.ndarra
     return np.where(smaller > 0, inter / np.maximum(smaller, 1), 0.0)
 
 
+def overlapping_pairs(a_xyxy: np.ndarray, b_xyxy: np.ndarray, cell: float = 256.0) -> tuple[np.ndarray, np.ndarray]:
+    """Index pairs (i, j) whose boxes intersect (positive area), found through a uniform grid
+    of ``cell``-pixel buckets: O(N + M + pairs) memory instead of N x M."""
+    a = np.asarray(a_xyxy, np.float64).reshape(-1, 4)
+    b = np.asarray(b_xyxy, np.float64).reshape(-1, 4)
+    if len(a) == 0 or len(b) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    buckets: dict[tuple[int, int], list[int]] = {}
+    for j, (x0, y0, x1, y1) in enumerate(b):
+        for gx in range(int(x0 // cell), int(max(x1 - 1e-9, x0) // cell) + 1):
+            for gy in range(int(y0 // cell), int(max(y1 - 1e-9, y0) // cell) + 1):
+                buckets.setdefault((gx, gy), []).append(j)
+    pairs = set()
+    for i, (x0, y0, x1, y1) in enumerate(a):
+        for gx in range(int(x0 // cell), int(max(x1 - 1e-9, x0) // cell) + 1):
+            for gy in range(int(y0 // cell), int(max(y1 - 1e-9, y0) // cell) + 1):
+                for j in buckets.get((gx, gy), ()):
+                    if (i, j) in pairs:
+                        continue
+                    bx0, by0, bx1, by1 = b[j]
+                    if min(x1, bx1) > max(x0, bx0) and min(y1, by1) > max(y0, by0):
+                        pairs.add((i, j))
+    if not pairs:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    ij = np.array(sorted(pairs), np.int64)
+    return ij[:, 0], ij[:, 1]
+
+
+def sparse_ios(a_rles: Sequence[dict], a_xyxy: np.ndarray, b_rles: Sequence[dict], b_xyxy: np.ndarray) -> dict[tuple[int, int], float]:
+    """{(i, j): IoS} over the pairs whose boxes intersect (all others are 0)."""
+    ii, jj = overlapping_pairs(a_xyxy, b_xyxy)
+    if len(ii) == 0:
+        return {}
+    area_a, area_b = mask_ops.area(list(a_rles)).astype(np.float64), mask_ops.area(list(b_rles)).astype(np.float64)
+    out = {}
+    for i in np.unique(ii):
+        js = jj[ii == i]
+        over = np.asarray(mask_utils.iou([mask_ops.as_bytes(a_rles[i])], [mask_ops.as_bytes(b_rles[j]) for j in js],
+                                         [1] * len(js)), np.float64).reshape(-1)  # |a ∩ b| / |a|
+        inter = over * area_a[i]
+        smaller = np.minimum(area_a[i], area_b[js])
+        for j, v, s in zip(js, inter, smaller):
+            out[(int(i), int(j))] = float(v / s) if s > 0 else 0.0
+    return out
+
+
 def merge_greedy(inst: Instances, ios_thresh: float = 0.5, class_aware: bool = True,
                  sources: np.ndarray | None = None) -> Instances:
     """Greedy merge by score: each instance absorbs the lower-scoring ones (same class when
@@ -134,7 +180,13 @@ def merge_greedy(inst: Instances, ios_thresh: float = 0.5, class_aware: bool = T
     if n <= 1:
         return inst
     order = np.argsort(-inst.scores, kind="stable")
-    ios = intersection_over_smaller(inst.masks, inst.masks)
+    ios = sparse_ios(inst.masks, inst.boxes, inst.masks, inst.boxes)
+    near: dict[int, list[int]] = {}
+    for (a, b), v in ios.items():
+        if a != b and v >= ios_thresh:
+            near.setdefault(a, []).append(b)
+    rank = np.empty(n, np.int64)
+    rank[order] = np.arange(n)
     used = np.zeros(n, bool)
     keep, masks, boxes, probs = [], [], [], []
     for i in order:
@@ -143,9 +195,9 @@ def merge_greedy(inst: Instances, ios_thresh: float = 0.5, class_aware: bool = T
         used[i] = True
         group = [i]
         taken = {None if sources is None else int(sources[i])}
-        for j in order:
+        for j in sorted(near.get(int(i), ()), key=lambda k: rank[k]):  # in score order, as a dense scan would
             src = None if sources is None else int(sources[j])
-            if used[j] or ios[i, j] < ios_thresh or (class_aware and inst.labels[j] != inst.labels[i]):
+            if used[j] or (class_aware and inst.labels[j] != inst.labels[i]):
                 continue
             if sources is not None and src in taken:
                 continue
@@ -201,11 +253,10 @@ def merge_tiles(per_tile: Sequence[tuple[Tile, Instances]], height: int, width: 
     kept, ksrc = _concat_with(whole, whole_src, height, width)
     cut, csrc = _concat_with(pieces, piece_src, height, width)
     if len(cut) and len(kept):
-        ios = intersection_over_smaller(cut.masks, kept.masks)
-        covered = (ios >= ios_thresh) & (csrc[:, None] != ksrc[None, :])  # seen whole by another tile
-        if class_aware:
-            covered &= cut.labels[:, None] == kept.labels[None, :]
-        drop = covered.any(1)
+        drop = np.zeros(len(cut), bool)
+        for (i, j), v in sparse_ios(cut.masks, cut.boxes, kept.masks, kept.boxes).items():
+            if v >= ios_thresh and csrc[i] != ksrc[j] and (not class_aware or cut.labels[i] == kept.labels[j]):
+                drop[i] = True  # seen whole by another tile
         cut, csrc = cut.select(np.nonzero(~drop)[0]), csrc[~drop]
     both, src = _concat_with([kept, cut], [ksrc, csrc], height, width)
     return merge_greedy(both, ios_thresh, class_aware, sources=src)
