@@ -77,14 +77,23 @@ def client(address: str):
 
 def submit(cfg: WorkflowConfig, address: str, run_id: str, *, staging: Path, ship_code: bool = True,
            entrypoint_num_cpus: float | None = None, entrypoint_num_gpus: float | None = None,
-           entrypoint_resources: dict[str, float] | None = None) -> str:
-    """Submit ``cfg`` as a Ray job named ``segpipe-<run_id>``; returns the job id."""
+           entrypoint_resources: dict[str, float] | None = None, agent_wait_s: float = 120.0) -> str:
+    """Submit ``cfg`` as a Ray job named ``segpipe-<run_id>``; returns the job id. Waits up to
+    ``agent_wait_s`` for the head's job agent when the cluster reports none available yet."""
     entrypoint, wd = bundle(cfg, staging, run_id)
     kwargs = {k: v for k, v in (("entrypoint_num_cpus", entrypoint_num_cpus), ("entrypoint_num_gpus", entrypoint_num_gpus),
                                 ("entrypoint_resources", entrypoint_resources)) if v}
-    return client(address).submit_job(entrypoint=entrypoint, runtime_env=runtime_env(wd, ship_code),
-                                      submission_id=f"segpipe-{run_id}", metadata={"segpipe_run_id": run_id,
-                                                                                   "workflow": cfg.name}, **kwargs)
+    c = client(address)
+    t0 = time.time()
+    while True:  # a head that has just started may not have its job agent yet
+        try:
+            return c.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(wd, ship_code),
+                                submission_id=f"segpipe-{run_id}", metadata={"segpipe_run_id": run_id, "workflow": cfg.name},
+                                **kwargs)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() - t0 > agent_wait_s:
+                raise
+            time.sleep(2.0)
 
 
 def follow(address: str, job_id: str, emit: Callable[[str], None]) -> str:
