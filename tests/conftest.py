@@ -255,6 +255,16 @@ def s3_server():
     proc.wait(timeout=10)
 
 
+def node_ports() -> list[str]:
+    """``ray start`` options giving a node its own free agent, metrics and manager ports, so it
+    can run beside the tests' embedded Ray (whose dashboard agent holds the default 52365)."""
+    w = _free_port()
+    return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
+            f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",
+            f"--min-worker-port={w}", f"--max-worker-port={w + 200}"]
+
+
 def s3_env(endpoint: str | None = None) -> dict:
     """A process environment with the test credentials (and ``AWS_ENDPOINT_URL`` when given)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}

@@ -15,7 +15,7 @@ import pytest
 
 from segpipe.sinks.writer import read_committed, read_manifest
 
-from conftest import REPO, _free_port, assert_sound, committed_shards, wait_for_commits
+from conftest import REPO, _free_port, assert_sound, committed_shards, node_ports, wait_for_commits
 
 pytestmark = pytest.mark.slow
 
@@ -150,17 +150,11 @@ def two_nodes():
     env = _env()
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    head = _ray_start(["--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"], env)
-    ports = [_free_port() for _ in range(6)]
-    wport = _free_port()
+    head = _ray_start(["--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false", *node_ports()], env)
     worker = None
     try:
         _wait_nodes(address, 1, env)
-        worker = _ray_start([f"--address={address}", "--num-cpus=2", "--labels=segpipe-role=model",
-                             f"--node-manager-port={ports[0]}", f"--object-manager-port={ports[1]}",
-                             f"--dashboard-agent-listen-port={ports[2]}", f"--metrics-export-port={ports[3]}",
-                             f"--runtime-env-agent-port={ports[4]}", f"--min-worker-port={wport}",
-                             f"--max-worker-port={wport + 200}"], env)
+        worker = _ray_start([f"--address={address}", "--num-cpus=2", "--labels=segpipe-role=model", *node_ports()], env)
         _wait_nodes(address, 2, env)
         yield address, worker
     finally:

@@ -18,7 +18,7 @@ import yaml
 
 from segpipe.config import load_workflow
 
-from conftest import REPO, _free_port
+from conftest import REPO, _free_port, node_ports
 
 CLI = [sys.executable, str(REPO / "cli.py")]
 
@@ -65,7 +65,8 @@ def head():
     env = _env()
     port, dash = _free_port(), _free_port()
     proc = subprocess.Popen(["ray", "start", "--head", "--block", "--disable-usage-stats", f"--port={port}", "--num-cpus=2",
-                             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}"],
+                             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             *node_ports()],
                             env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{dash}"
     try:
