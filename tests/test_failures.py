@@ -146,15 +146,19 @@ def _wait_nodes(address: str, n: int, env: dict, timeout: float = 120) -> None:
 
 @pytest.fixture
 def two_nodes():
-    """A head (2 CPUs) and a worker node (2 CPUs, label segpipe-role=model) on this machine."""
+    """A head (2 CPUs) and a worker node (2 CPUs, label segpipe-role=model) on this machine, both
+    offering the custom resource segpipe_model."""
     env = _env()
     port = _free_port()
     address = f"127.0.0.1:{port}"
-    head = _ray_start(["--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false", *node_ports()], env)
+    # Both nodes offer the custom resource segpipe_model (nodes allowed to host models); only the
+    # worker carries the label the workflow prefers.
+    res = '--resources={"segpipe_model": 4}'
+    head = _ray_start(["--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false", res, *node_ports()], env)
     worker = None
     try:
         _wait_nodes(address, 1, env)
-        worker = _ray_start([f"--address={address}", "--num-cpus=2", "--labels=segpipe-role=model", *node_ports()], env)
+        worker = _ray_start([f"--address={address}", "--num-cpus=2", "--labels=segpipe-role=model", res, *node_ports()], env)
         _wait_nodes(address, 2, env)
         yield address, worker
     finally:
@@ -178,6 +182,6 @@ def test_worker_node_stopped_mid_run_completes_on_the_head(reference, tiny_card,
         _kill(node)  # the whole node: ray start, its raylet, its workers, the model actor
 
     cmd = _cmd(tiny_card, images, out, "node-loss", f"pipeline.ray_address={address}",
-               "models.0.node_labels={segpipe-role: model}")
+               "models.0.node_labels={segpipe-role: model}", "models.0.resources={segpipe_model: 1}")
     at, _ = _fault_mid_run(cmd, out, stop_node)
     _check_exactly_once(out, images, reference, f"worker node SIGKILL after {at} of 7 shards")
