@@ -423,8 +423,7 @@ class RSISNet(nn.Module):
         out: list[list[Cluster]] = [[] for _ in range(b_n)]
         states = None
         for _ in range(p.max_steps):
-            guide = self._uncovered_guide(fg, canvas) if p.guided else None
-            m, c, s, states, _ = self.step(skips, fine, canvas, states, fg, guide=guide)
+            m, c, s, states, _ = self.step(skips, fine, canvas, states, fg)
             prob = torch.sigmoid(m)
             stop = torch.sigmoid(s)
             cls = torch.softmax(c, 1) if c is not None else None
@@ -441,27 +440,10 @@ class RSISNet(nn.Module):
             if not any(active):
                 break
             if canvas is not None:
-                # guided: training fed binary ground-truth canvases, so feed binary ones here too
-                canvas = torch.maximum(canvas, (prob[:, None] > p.mask_thresh).to(prob.dtype) if p.guided else prob[:, None])
+                canvas = torch.maximum(canvas, prob[:, None])
         if self.classifier is not None:
             out = [self.classifier.classify(x[b], clusters) for b, clusters in enumerate(out)]
         return out
-
-    @staticmethod
-    def _uncovered_guide(fg: torch.Tensor | None, canvas: torch.Tensor):
-        """Inference pointer for ``guided``: the argmax over cells that still hold uncovered
-        foreground (> 0.5 at the pointer's resolution), over all cells when none does."""
-
-        def guide(logits: torch.Tensor) -> torch.Tensor:
-            flat = logits.detach().flatten(1)
-            if fg is None:
-                return flat.argmax(1)
-            left = torch.sigmoid(fg) * (1.0 - F.adaptive_avg_pool2d(canvas, fg.shape[-2:]))
-            left = F.adaptive_max_pool2d(left, logits.shape[-2:]).flatten(1) > 0.5
-            masked = torch.where(left, flat, torch.full_like(flat, float("-inf")))
-            return torch.where(left.any(1), masked.argmax(1), flat.argmax(1))
-
-        return guide
 
     def _instance(self, prob: torch.Tensor, taken: torch.Tensor, stop: float, cls: torch.Tensor | None) -> Cluster | None:
         """One step's instance from its mask probabilities [h, w] and the pixels already taken."""
