@@ -257,8 +257,20 @@ def s3_server():
 
 def node_ports() -> list[str]:
     """``ray start`` options giving a node its own free agent, metrics and manager ports, so it
-    can run beside the tests' embedded Ray (whose dashboard agent holds the default 52365)."""
-    w = _free_port()
+    can run beside the tests' embedded Ray (whose dashboard agent holds the default 52365). The
+    worker port range lies in 20000-29999, below the kernel's ephemeral range that the other
+    (free, ephemeral) ports come from, so the two never overlap."""
+    import random
+    import socket
+
+    while True:
+        w = 20000 + 200 * random.randrange(50)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", w))
+                break
+            except OSError:
+                continue
     return [f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
             f"--metrics-export-port={_free_port()}", f"--runtime-env-agent-port={_free_port()}",
             f"--node-manager-port={_free_port()}", f"--object-manager-port={_free_port()}",

@@ -128,24 +128,31 @@ def test_model_actor_killed_mid_run(reference, tiny_card, images, tmp_path):
     _check_exactly_once(out, images, reference, f"model actor SIGKILL after {at} of 7 shards")
 
 
-def _ray_start(args: list[str], env: dict) -> subprocess.Popen:
-    """``ray start --block`` in its own process group (so the node can be stopped as a whole)."""
-    return subprocess.Popen(["ray", "start", "--block", "--disable-usage-stats", *args], env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def _ray_start(args: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """``ray start --block`` in its own process group (so the node can be stopped as a whole),
+    its output in ``log``."""
+    with open(log, "wb") as f:
+        return subprocess.Popen(["ray", "start", "--block", "--disable-usage-stats", *args], env=env, start_new_session=True,
+                                stdout=f, stderr=subprocess.STDOUT)
 
 
-def _wait_nodes(address: str, n: int, env: dict, timeout: float = 120) -> None:
+def _wait_nodes(address: str, n: int, env: dict, node: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    """Wait until ``ray status`` lists ``n`` nodes; fail with the starting node's output if it
+    exits or the time runs out."""
     t0 = time.time()
     while time.time() - t0 < timeout:
         r = subprocess.run(["ray", "status", f"--address={address}"], capture_output=True, text=True, env=env)
         if r.returncode == 0 and r.stdout.count(" node_") >= n:
             return
+        if node.poll() is not None:
+            break
         time.sleep(1)
-    pytest.fail(f"the cluster at {address} did not reach {n} nodes")
+    pytest.fail(f"the cluster at {address} did not reach {n} nodes (ray start rc {node.poll()}):\n"
+                + log.read_text(errors="replace")[-3000:])
 
 
 @pytest.fixture
-def two_nodes():
+def two_nodes(tmp_path):
     """A head (2 CPUs) and a worker node (2 CPUs, label segpipe-role=model) on this machine, both
     offering the custom resource segpipe_model."""
     env = _env()
@@ -154,12 +161,14 @@ def two_nodes():
     # Both nodes offer the custom resource segpipe_model (nodes allowed to host models); only the
     # worker carries the label the workflow prefers.
     res = '--resources={"segpipe_model": 4}'
-    head = _ray_start(["--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false", res, *node_ports()], env)
+    logs = tmp_path / "head.log", tmp_path / "worker.log"
+    head = _ray_start(["--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false", res, *node_ports()], env, logs[0])
     worker = None
     try:
-        _wait_nodes(address, 1, env)
-        worker = _ray_start([f"--address={address}", "--num-cpus=2", "--labels=segpipe-role=model", res, *node_ports()], env)
-        _wait_nodes(address, 2, env)
+        _wait_nodes(address, 1, env, head, logs[0])
+        worker = _ray_start([f"--address={address}", "--num-cpus=2", "--labels=segpipe-role=model", res, *node_ports()], env,
+                            logs[1])
+        _wait_nodes(address, 2, env, worker, logs[1])
         yield address, worker
     finally:
         for node in (worker, head):
