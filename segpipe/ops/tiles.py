@@ -82,11 +82,10 @@ def shift(inst: Instances, tile: Tile, height: int, width: int) -> Instances:
     if len(inst) == 0:
         return Instances(height=height, width=width, mask_probs=inst.mask_probs)
     masks = []
-    for r in inst.masks:
-        bx, by, bw, bh = (int(round(float(v))) for v in mask_ops.to_bbox([r])[0])
-        x0, y0 = bx, by
+    for r, xywh in zip(inst.masks, np.rint(mask_ops.to_bbox(inst.masks)).astype(int)):
+        bx, by, bw, bh = (int(v) for v in xywh)
         local = mask_ops.decode_region(r, (bx, by, bx + bw, by + bh))
-        masks.append(mask_ops.encode_local(local, tile.x0 + x0, tile.y0 + y0, height, width))
+        masks.append(mask_ops.encode_local(local, tile.x0 + bx, tile.y0 + by, height, width))
     boxes = inst.boxes + np.array([tile.x0, tile.y0, tile.x0, tile.y0], np.float32)
     return Instances(height=height, width=width, boxes=boxes.astype(np.float32), scores=inst.scores.copy(),
                      labels=inst.labels.copy(), masks=masks, mask_probs=None if inst.mask_probs is None else inst.mask_probs.copy())

@@ -129,9 +129,9 @@ class ModelStage:
                         # repr when str is empty (a bare assert): an error record always says something
                         e_stage[i], e_type[i], e_msg[i] = f"model:{self.name}", type(e).__name__, (str(e) or repr(e))[:2000]
                     ms[i] = (time.perf_counter() - t1) * 1000
-        for i in tiled:
+        if tiled:
             from segpipe.modeling.tiled import tiled_predict
-
+        for i in tiled:
             t1 = time.perf_counter()
             try:
                 preds[i] = tiled_predict(self.adapter, batch["image"][i], self.tile, self.tiling, self.batch_size).to_bytes()

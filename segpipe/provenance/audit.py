@@ -23,7 +23,7 @@ def audit_run(run_uri: str, fs=None) -> dict:
     lost: inputs with no images row; duplicates: images rows beyond one per input (and errors
     rows beyond one per errored image); extra: images rows for uris the source does not list.
     """
-    manifest = read_manifest(run_uri) if fs is None else _manifest(fs, run_uri)
+    manifest = read_manifest(run_uri, fs)
     cfg = WorkflowConfig.model_validate(manifest["workflow"]["config"])
     src = cfg.source
     files = list_source(src.uri, patterns=src.patterns, recursive=src.recursive, max_images=src.max_images,
@@ -58,13 +58,6 @@ def sound(audit: dict) -> bool:
     """True when nothing is lost, duplicated or extra, and errors/ matches the errored images."""
     return not (audit["lost"] or audit["duplicates"] or audit["extra"] or audit["errors_without_image_row"]
                 or audit["errors"] != audit["images"] - audit["ok"])
-
-
-def _manifest(fs, run_uri: str) -> dict:
-    import json
-
-    _, root = resolve(run_uri, fs)
-    return json.loads(fs.cat_file(f"{root}/_segpipe/run.json"))
 
 
 def _table_files(fs, root: str, table: str) -> list[str]:

@@ -163,9 +163,9 @@ def read_committed(output_uri: str, table: str, fs: fsspec.AbstractFileSystem | 
     return pa.concat_tables(parts) if parts else SCHEMAS[table].empty_table()
 
 
-def read_manifest(run_uri: str) -> dict:
+def read_manifest(run_uri: str, fs: fsspec.AbstractFileSystem | None = None) -> dict:
     """The run's ``_segpipe/run.json``; FileNotFoundError when the run has none (not finished)."""
-    fs, root = resolve(run_uri)
+    fs, root = resolve(run_uri, fs)
     path = f"{root}/_segpipe/run.json"
     if not fs.exists(path):
         raise FileNotFoundError(f"{run_uri} has no _segpipe/run.json: not a finished segpipe run")
