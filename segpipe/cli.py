@@ -163,8 +163,12 @@ def _print_summary(result, out_uri: str) -> None:
                + (": " + ", ".join(f"{k}={v}" for k, v in sorted(c["errors_by_type"].items())) if c["errors_by_type"] else "") + ")")
     typer.echo(f"  instances: {c['instances']}")
     typer.echo(f"  speed:     {result.images_per_s:.2f} images/s over {result.wall_s:.1f}s wall (Ray start included)")
+    if result.stages:
+        from segpipe.pipeline.progress import format_stage_table
+
+        typer.echo("  stages (busy = summed over workers; util = busy / (streaming wall x workers)):")
+        typer.echo(format_stage_table(result.stages, result.efficiency))
     if result.stage_ms:
-        typer.echo("  stage time (summed ms): " + ", ".join(f"{k}={v:.0f}" for k, v in result.stage_ms.items()))
         from segpipe.pipeline.run import post_model_overhead
 
         over = post_model_overhead(result.stage_ms)
@@ -459,6 +463,52 @@ def bench_tiling_memory(
         out.write_text(json.dumps(res, indent=1))
 
 
+@bench_app.command("pipeline")
+def bench_pipeline(
+    data: Annotated[Path, typer.Option(help="a folder of images (or a COCO folder with images/)")],
+    workflow: Annotated[Path, typer.Option(help="the workflow whose models, ensemble and refiner both sides run")] = DEMO_WORKFLOW,
+    n: Annotated[Optional[int], typer.Option(help="use the first N images (sorted)")] = None,
+    actors: Annotated[list[int], typer.Option(help="actors per model/refine stage (repeatable)")] = [1, 2],
+    cpus: Annotated[Optional[float], typer.Option(help="num_cpus of every actor in the pipeline runs (default: the "
+                                                   "workflow's; lower it so 2 actors per stage fit)")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="workflow override (repeatable)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="write the results JSON here")] = None,
+) -> None:
+    """A hand-written sequential loop vs segpipe's pipeline on the same images and models: wall
+    time, images/s, their ratio, efficiency (model forward / wall), time per stage, where the
+    pipeline waits; the pipeline at each --actors count. Example: segpipe data synth --out
+    bench-data --n 200 --seed 5 && segpipe bench pipeline --data bench-data --cpus 0.25"""
+    from segpipe.bench import pipeline
+
+    if not data.is_dir():
+        _fail(f"--data {data}: not a folder")
+    cfg_check = _load_workflow_or_exit(workflow, [*(set_ or []), f"source.uri={data}"])
+    del cfg_check  # validated here, so a bad --set fails before any work
+    res = pipeline.run(workflow, data, n=n, actors=actors, cpus=cpus, overrides=set_ or [], log=typer.echo)
+    typer.echo(pipeline.table(res))
+    if out:
+        out.write_text(json.dumps(res, indent=1))
+
+
+@bench_app.command("memory")
+def bench_memory(
+    counts: Annotated[list[int], typer.Option("--count", help="images per run (repeatable)")] = [1000, 10000],
+    model: Annotated[str, typer.Option(help="zoo model of the runs")] = "spatialemb-shapes",
+    size: Annotated[int, typer.Option(help="image side, pixels")] = 96,
+    data: Annotated[Path, typer.Option(help="folder for the generated images (reused)")] = Path("segpipe-bench-memory"),
+    interval: Annotated[float, typer.Option(help="seconds between memory samples")] = 0.5,
+    out: Annotated[Optional[Path], typer.Option(help="write the results JSON here")] = None,
+) -> None:
+    """Peak memory of a run (driver and every Ray process) over each --count of small images: a
+    streaming pipeline's peak does not grow with the count."""
+    from segpipe.bench import memory
+
+    res = memory.run(sorted(counts), model=model, size=size, data=data, interval_s=interval, log=typer.echo)
+    typer.echo(memory.table(res))
+    if out:
+        out.write_text(json.dumps(res, indent=1))
+
+
 # --- cluster jobs ----------------------------------------------------------------------------
 
 AddressOpt = Annotated[str, typer.Option(envvar="RAY_ADDRESS", help="Ray dashboard / job server, e.g. http://HOST:8265 "
@@ -676,13 +726,98 @@ def models_eval(
         if not base_ref:
             _fail("a refiner needs --base: the model whose predictions it refines")
         base_adapter, base_card = load_adapter(base_ref)
-        before, after = evaluate_refiner(adapter, base_adapter, g, image_dir, max_dets=max_dets)
+        before, after = evaluate_refiner(adapter, base_adapter, g, image_dir, max_dets=max_dets,
+                                         progress=lambda m: typer.echo(m, err=True))
         rows = [(base_card.version(), before), (f"{base_card.version()} + {card.version()}", after)]
         typer.echo(json.dumps([{"result": n, **st} for n, st in rows]) if as_json else compare_table(rows))
         return
-    stats = evaluate(g, predict_dataset(adapter, g, image_dir), max_dets=max_dets, boundary=boundary)
+    preds = predict_dataset(adapter, g, image_dir, progress=lambda m: typer.echo(m, err=True))  # stdout stays JSON
+    stats = evaluate(g, preds, max_dets=max_dets, boundary=boundary)
     stats["model"] = card.version()
     typer.echo(json.dumps(stats) if as_json else f"{card.version()}\n" + format_table(stats))
+
+
+# --- report / viz ----------------------------------------------------------------------------
+
+
+def _is_local(uri: str) -> bool:
+    return "://" not in uri or uri.startswith("file://")
+
+
+@app.command("report")
+def report_cmd(
+    run_dir: Annotated[str, typer.Argument(help="a finished run's output folder (or URI)")],
+    gt: Annotated[Optional[str], typer.Option(help="COCO ground truth json (path or URI): AP tables per model, "
+                                              "for the unrefined ensemble and for instances/")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="HTML file to write (default RUN_DIR/report.html for a local "
+                                                "run, ./report-<run id>.html otherwise)")] = None,
+    sample: Annotated[int, typer.Option(help="gallery: images sampled evenly from the run", min=0)] = 12,
+    review: Annotated[int, typer.Option(help="gallery: images of highest model disagreement (ensembles)", min=0)] = 12,
+    max_side: Annotated[int, typer.Option(help="gallery: longest side of an overlay, pixels", min=16)] = 448,
+    min_score: Annotated[float, typer.Option(help="gallery: draw instances scoring at least this", min=0.0, max=1.0)] = 0.3,
+    max_dets: Annotated[Optional[int], typer.Option(help="pycocotools maxDets with --gt (default: the workflow's "
+                                                    "eval.max_dets, else 100)", min=1)] = None,
+) -> None:
+    """Write a run's self-contained HTML report: summary and provenance, counts and errors,
+    throughput per stage, AP tables (--gt), a gallery of overlays with the review queue (the
+    images where the models disagree most) and score / agreement histograms.
+
+    Example: segpipe report segpipe-demo/runs/RUN_ID --gt segpipe-demo/data/annotations.json
+    """
+    from segpipe.report.build import build_report
+
+    try:
+        page = build_report(run_dir, gt, n_sample=sample, n_review=review, max_side=max_side, min_score=min_score,
+                            max_dets=max_dets, progress=lambda m: typer.echo(m))
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    if out is None:
+        from segpipe.sinks.writer import read_manifest
+
+        out = (Path(run_dir.removeprefix("file://")) / "report.html" if _is_local(run_dir)
+               else Path(f"report-{read_manifest(run_dir)['run_id']}.html"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page, encoding="utf-8")
+    typer.echo(f"report: {out} ({len(page.encode()) / 1e6:.1f} MB)")
+
+
+@app.command("viz")
+def viz_cmd(
+    run_dir: Annotated[str, typer.Argument(help="a finished run's output folder (or URI)")],
+    image: Annotated[str, typer.Option(help="the image: its image_id (images/) or its relpath")],
+    source: Annotated[Optional[str], typer.Option(help="ensemble (or instances, for a run without one): the run's "
+                                                  "instances/; a model name: its raw predictions/; all: each of them "
+                                                  "(default: instances/)")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="a .png file (one source), or a folder for "
+                                                "<relpath stem>-<source>.png (default RUN_DIR/viz for a local run, "
+                                                "else the current folder)")] = None,
+    max_side: Annotated[Optional[int], typer.Option(help="downscale to this longest side, pixels (default: full size)",
+                                                    min=16)] = None,
+    min_score: Annotated[float, typer.Option(help="draw instances scoring at least this", min=0.0, max=1.0)] = 0.0,
+    labels: Annotated[bool, typer.Option("--labels/--no-labels", help="write category and score by each instance")] = True,
+) -> None:
+    """Write overlay PNGs of one image: its masks in translucent colours with contours.
+
+    Example: segpipe viz segpipe-demo/runs/RUN_ID --image 4242_000003.jpg --source all
+    """
+    from segpipe.report.rundata import UnknownImageError, UnknownSourceError
+    from segpipe.report.viz import image_overlays
+
+    try:
+        overlays = image_overlays(run_dir, image, source, max_side=max_side, min_score=min_score, labels=labels)
+    except (FileNotFoundError, UnknownImageError, UnknownSourceError) as e:
+        _fail(str(e))
+    if out is not None and out.suffix.lower() == ".png":
+        if len(overlays) > 1:
+            _fail(f"--out {out}: --source all writes several PNGs: give a folder")
+        paths = [out]
+    else:
+        folder = out or (Path(run_dir.removeprefix("file://")) / "viz" if _is_local(run_dir) else Path("."))
+        paths = [folder / f"{Path(o.relpath).stem}-{o.source}.png" for o in overlays]
+    for o, path in zip(overlays, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(o.png())
+        typer.echo(f"{path}: {o.label}, {o.n_instances} instances, {o.pixels.shape[1]}x{o.pixels.shape[0]}")
 
 
 def main() -> None:

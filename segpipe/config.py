@@ -171,6 +171,10 @@ class PipelineConfig(Strict):
     max_error_rate: float = Field(1.0, ge=0, le=1, description="fail the run above this fraction of errored images "
                                   "(checked at each shard commit once error_budget_min_images are done, and at the end)")
     error_budget_min_images: int = Field(100, ge=1, description="images to see before the error rate can stop a run early")
+    progress: Literal["auto", "lines", "bars", "off"] = Field(
+        "auto", description="live progress: lines (per stage: done/total, rate, ETA every progress_interval_s), bars "
+        "(Ray Data's operator progress bars), off; auto = bars on an interactive terminal, else lines")
+    progress_interval_s: float = Field(10.0, gt=0, description="seconds between progress lines")
 
 
 class RefineConfig(Strict):

@@ -202,10 +202,12 @@ def format_table(stats: dict) -> str:
 
 
 def predict_dataset(adapter, gt: COCO, image_dir: str | Path, *, batch_size: int = 4, refiner=None,
-                    unrefined: list[dict] | None = None) -> list[dict]:
+                    unrefined: list[dict] | None = None, progress=None) -> list[dict]:
     """Run an adapter in-process over every gt image (``image_dir`` a path or URI); no Ray.
     With a ``refiner`` (``segpipe.refine.refiner.Refiner``) its refined instances are returned
-    and the adapter's own results appended to ``unrefined`` when given."""
+    and the adapter's own results appended to ``unrefined`` when given. ``progress``: a
+    callable that gets a count, rate and ETA line every 10 s."""
+    from segpipe.pipeline.progress import Ticker
     from PIL import Image
 
     from segpipe.io.fs import resolve
@@ -218,6 +220,7 @@ def predict_dataset(adapter, gt: COCO, image_dir: str | Path, *, batch_size: int
 
     results: list[dict] = []
     infos = [gt.imgs[i] for i in sorted(gt.getImgIds())]
+    ticker = Ticker("predict", len(infos), progress) if progress is not None else None
     for s in range(0, len(infos), batch_size):
         chunk = infos[s : s + batch_size]
         imgs = [read(im["file_name"]) for im in chunk]
@@ -227,14 +230,17 @@ def predict_dataset(adapter, gt: COCO, image_dir: str | Path, *, batch_size: int
                     unrefined.extend(instances_to_results(im["id"], inst))
                 inst = refiner.refine(img, inst)
             results.extend(instances_to_results(im["id"], inst))
+        if ticker is not None:
+            ticker.tick(len(chunk))
     return results
 
 
-def evaluate_refiner(refiner, base, gt: COCO, image_dir: str | Path, *, max_dets: int = 100) -> tuple[dict, dict]:
+def evaluate_refiner(refiner, base, gt: COCO, image_dir: str | Path, *, max_dets: int = 100,
+                     progress=None) -> tuple[dict, dict]:
     """Score ``base``'s predictions on ``gt`` before and after ``refiner`` -> (base stats,
     refined stats), both with Boundary AP."""
     before: list[dict] = []
-    after = predict_dataset(base, gt, image_dir, refiner=refiner, unrefined=before)
+    after = predict_dataset(base, gt, image_dir, refiner=refiner, unrefined=before, progress=progress)
     return evaluate(gt, before, max_dets=max_dets, boundary=True), evaluate(gt, after, max_dets=max_dets, boundary=True)
 
 

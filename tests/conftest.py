@@ -136,6 +136,25 @@ def shapes_data(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture(scope="session")
+def demo_run(ray_local, tmp_path_factory):
+    """One ``segpipe demo --n 8`` for the session (maskrcnn-shapes + spatialemb-shapes fused,
+    refined by pointrend-shapes, scored against the generated ground truth) -> an object with
+    ``output`` (the command's output), ``exit_code``, ``root`` (the demo folder), ``run`` (the
+    run's output folder) and ``gt`` (annotations.json)."""
+    from types import SimpleNamespace
+
+    from typer.testing import CliRunner
+
+    from segpipe.cli import app
+
+    root = tmp_path_factory.mktemp("demo") / "demo"
+    r = CliRunner().invoke(app, ["demo", "--out", str(root), "--n", "8"], catch_exceptions=False)
+    runs = sorted((root / "runs").glob("*")) if (root / "runs").is_dir() else []
+    return SimpleNamespace(output=r.output, exit_code=r.exit_code, root=root, run=runs[-1] if runs else None,
+                           gt=root / "data" / "annotations.json")
+
+
 def assert_training_reduces_loss(net, images, targets, steps: int = 30, lr: float = 1e-2, factor: float = 0.7) -> None:
     """A few Adam steps on one fixed batch must bring the summed loss below ``factor`` x its start."""
     import torch

@@ -186,12 +186,12 @@ def test_run_then_eval_json(ray_local, tiny_card, shapes_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_runs_bundled_model(ray_local, tmp_path):
-    r = invoke("demo", "--out", tmp_path / "demo", "--n", 8)
+def test_demo_runs_bundled_model(demo_run):
+    r = demo_run  # `segpipe demo --n 8`, run once per session (conftest)
     assert r.exit_code == 0, r.output
     assert "8 ok, 0 errored" in r.output
     assert "mask AP vs ground truth" in r.output and "images/s" in r.output
-    (manifest,) = (tmp_path / "demo" / "runs").glob("*/_segpipe/run.json")
+    (manifest,) = (r.root / "runs").glob("*/_segpipe/run.json")
     run = json.loads(manifest.read_text())
     assert run["status"] == "complete" and run["models"][0]["version"].startswith("maskrcnn-shapes@")
     # The bundled model measures AP 0.617 on 200 val images; 8 unseen demo images stay well above 0.4.

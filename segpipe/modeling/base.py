@@ -8,6 +8,7 @@ Each step is separately testable; ``predict`` chains them.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from typing import Any, Sequence
 
@@ -65,8 +66,25 @@ class ModelAdapter(NetworkHolder, ABC):
             sizes.append((int(img.shape[0]), int(img.shape[1])))
         return tensors, sizes
 
-    def predict(self, images: Sequence[np.ndarray]) -> list[Instances]:
+    def predict(self, images: Sequence[np.ndarray], timings: dict[str, float] | None = None) -> list[Instances]:
+        """``preprocess`` -> ``forward`` -> ``postprocess``. With ``timings``, adds each step's
+        wall ms to ``timings['preprocess' | 'forward' | 'postprocess']`` (on a GPU, ``forward``
+        waits for the device, so it is the network's own time)."""
+        if timings is None:
+            batch = self.preprocess(images)
+            with torch.inference_mode():
+                raw = self.forward(batch)
+            return self.postprocess(raw, batch)
+        t0 = time.perf_counter()
         batch = self.preprocess(images)
+        t1 = time.perf_counter()
         with torch.inference_mode():
             raw = self.forward(batch)
-        return self.postprocess(raw, batch)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t2 = time.perf_counter()
+        out = self.postprocess(raw, batch)
+        t3 = time.perf_counter()
+        for k, v in (("preprocess", t1 - t0), ("forward", t2 - t1), ("postprocess", t3 - t2)):
+            timings[k] = timings.get(k, 0.0) + v * 1000
+        return out

@@ -37,21 +37,23 @@ def needs_tiling(height: int, width: int, tile: int, cfg: TilingConfig) -> bool:
     return max(height, width) > cfg.auto_factor * tile
 
 
-def tiled_predict(adapter, image: np.ndarray, tile: int, cfg: TilingConfig, batch_size: int) -> Instances:
+def tiled_predict(adapter, image: np.ndarray, tile: int, cfg: TilingConfig, batch_size: int,
+                  timings: dict[str, float] | None = None) -> Instances:
     """uint8 [H, W, 3] -> Instances in image coordinates, predicted tile by tile and merged
-    (plus the downscaled full-image pass's large objects with ``cfg.full_image``)."""
+    (plus the downscaled full-image pass's large objects with ``cfg.full_image``). ``timings``:
+    as ``ModelAdapter.predict``'s, summed over the tile batches."""
     h, w = image.shape[:2]
     tiles = plan_tiles(h, w, tile, cfg.overlap)
     preds: list[Instances] = []
     for i in range(0, len(tiles), batch_size):
         chunk = tiles[i:i + batch_size]
-        preds.extend(adapter.predict([np.ascontiguousarray(image[t.y0:t.y1, t.x0:t.x1]) for t in chunk]))
+        preds.extend(adapter.predict([np.ascontiguousarray(image[t.y0:t.y1, t.x0:t.x1]) for t in chunk], timings))
     merged = merge_tiles(list(zip(tiles, preds)), h, w, ios_thresh=cfg.ios_thresh)
     if not cfg.full_image:
         return merged
     scale = tile / max(h, w)
     small = resize(image, max(1, round(h * scale)), max(1, round(w * scale)))
-    coarse = upscale(adapter.predict([small])[0], h, w)
+    coarse = upscale(adapter.predict([small], timings)[0], h, w)
     side = np.maximum(coarse.boxes[:, 2] - coarse.boxes[:, 0], coarse.boxes[:, 3] - coarse.boxes[:, 1])
     large = coarse.select(np.nonzero(side > cfg.full_image_min_size * tile)[0])
     return merge_greedy(concat([merged, large], h, w), cfg.ios_thresh)

@@ -44,9 +44,23 @@ class RunResult:
     eval: dict | None = None
     reason: str | None = None
     skipped_shards: list[int] = field(default_factory=list)
+    stages: list[dict] = field(default_factory=list)  # progress.stage_table: per-stage account
+    efficiency: dict | None = None
 
 
-NON_MODEL_STAGES = ("read", "ensemble", "refine", "write")
+@dataclass
+class StreamStats:
+    """What the driver measures while it drains the stream (ms summed over images)."""
+
+    stage_ms: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    forward_ms: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    driver_wait_ms: float = 0.0  # blocked on the iterator for the next row
+    first_row_s: float | None = None  # from the start of streaming to the first row
+    exec_wall_s: float = 0.0  # from the start of streaming to the last row
+    done: int = 0  # images committed so far
+
+
+NON_MODEL_STAGES = ("read", "decode", "ensemble", "refine", "write")
 
 
 def post_model_overhead(stage_ms: dict[str, float]) -> tuple[float, float, float] | None:
@@ -187,12 +201,18 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
         if cfg.pipeline.ray_address is None:
             _check_cpus(cfg, float(ray.cluster_resources().get("CPU", 0)))
         device_kind = "cuda" if has_gpu else "cpu"
-        stage_ms: dict[str, float] = defaultdict(float)
+        stats = StreamStats()
+        stage_ms = stats.stage_ms
         dropped = 0
+        snapshot: dict = {}
         if todo:
-            ds = _build_dataset(cfg, models, todo, has_gpu, refiner, source, inc)
-            dropped = _consume(cfg, ds, writer, run_id, models, primary, refiner, expected, stage_ms, progress, t0,
-                               _totals(committed))
+            meter, reporter = _start_progress(cfg, models, refiner, len(todo), stats, progress)
+            try:
+                ds = _build_dataset(cfg, models, todo, has_gpu, refiner, source, inc, meter)
+                dropped = _consume(cfg, ds, writer, run_id, models, primary, refiner, expected, stats, progress, t0,
+                                   _totals(committed))
+            finally:
+                snapshot = reporter.stop() if reporter is not None else _snapshot(meter)
     except ErrorBudgetExceeded as e:
         writer.abort()
         stopped = str(e)
@@ -211,6 +231,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
     markers = read_markers(writer.fs, writer.root)
     counts = _totals(markers)
     processed_now = sum(int(mk["counts"]["images"]) for s, mk in markers.items() if s not in committed)
+    stages, efficiency = _stage_account(stats, snapshot, models, refiner, cfg, processed_now)
     cats = [c.model_dump() for c in primary.card.categories]
     coco_counts = write_coco(writer, cats) if cfg.output.coco else None
     wall = time.perf_counter() - t0
@@ -237,7 +258,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
     result = RunResult(
         run_id=run_id, output_uri=cfg.output.uri, status=status, counts=counts, wall_s=wall,
         images_per_s=processed_now / wall if wall > 0 else 0.0, stage_ms=dict(stage_ms),
-        eval=eval_stats, reason=reason, skipped_shards=sorted(committed),
+        eval=eval_stats, reason=reason, skipped_shards=sorted(committed), stages=stages, efficiency=efficiency,
     )
     manifest = {
         "run_id": run_id,
@@ -255,6 +276,8 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
         "input": {"uri": cfg.source.uri, "n_files": len(files), "fingerprint": fingerprint(files), "n_shards": n_shards},
         "counts": counts,
         "timings_ms": {k: round(v, 1) for k, v in stage_ms.items()},
+        "stages": stages,
+        "efficiency": efficiency,
         "images_per_s": round(result.images_per_s, 3),
         "shards": sorted(markers),
         "resumed_shards": sorted(committed),
@@ -274,6 +297,61 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
         progress(f"ledger: run {run_id} labeled {rec['counts']['labeled']} inputs ({rec['counts']['model_runs']} model runs); "
                  f"{rec['counts']['skipped']} skipped as already labeled")
     return result
+
+
+def _start_progress(cfg: WorkflowConfig, models: list[_Model], refiner: _Model | None, total: int,
+                    stats: StreamStats, progress: Progress):
+    """The stage meter actor (zero CPUs) and, in ``lines`` mode, the thread that prints from it.
+    ``bars`` hands live progress to Ray Data's operator bars (set in ``_build_dataset``)."""
+    import sys
+
+    import ray
+
+    from segpipe.pipeline.progress import Reporter, StageMeter
+
+    meter = ray.remote(num_cpus=0)(StageMeter).remote()
+    if _progress_mode(cfg, sys.stdout) != "lines":
+        return meter, None
+    order = ["read", *[m.card.name for m in models]] + (["ensemble"] if cfg.ensemble is not None else []) \
+        + (["refine"] if refiner is not None else [])
+    reporter = Reporter(meter, order, total, cfg.pipeline.progress_interval_s, progress, lambda: stats.done)
+    return meter, reporter.start()
+
+
+def _progress_mode(cfg: WorkflowConfig, stream) -> str:
+    mode = cfg.pipeline.progress
+    if mode == "auto":
+        return "bars" if getattr(stream, "isatty", lambda: False)() else "lines"
+    return mode
+
+
+def _snapshot(meter) -> dict:
+    import ray
+
+    try:
+        return ray.get(meter.snapshot.remote(), timeout=10)
+    except Exception:  # noqa: BLE001 - the account falls back to the configured pool sizes
+        return {}
+
+
+def _stage_account(stats: StreamStats, snapshot: dict, models: list[_Model], refiner: _Model | None,
+                   cfg: WorkflowConfig, images: int) -> tuple[list[dict], dict | None]:
+    """progress.stage_table over this run's stream: actor stages count their pool's size, task
+    stages the workers the meter saw."""
+    from segpipe.pipeline.progress import stage_table
+
+    if not images:
+        return [], None
+    active = {k: v["workers"] for k, v in snapshot.items()}
+    workers, kinds = dict(active), {"write": "driver"}
+    for stage, m in zip(cfg.models, models):
+        kinds[m.card.name] = "actor"
+        workers[m.card.name] = stage.concurrency
+    if refiner is not None:
+        kinds["refine"] = "actor"
+        workers["refine"] = cfg.refine.concurrency
+    return stage_table(dict(stats.stage_ms), dict(stats.forward_ms), [m.card.name for m in models], images,
+                       stats.exec_wall_s, workers, kinds, stats.driver_wait_ms, stats.first_row_s, active)
 
 
 def _plan(cfg: WorkflowConfig, files: list[SourceFile], models: list[_Model], refiner: _Model | None) -> dict:
@@ -319,14 +397,19 @@ def _gpus(setting, has_gpu: bool) -> float:
 
 
 def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceFile], has_gpu: bool,
-                   refiner: _Model | None, source: str, inc=None):
+                   refiner: _Model | None, source: str, inc=None, meter=None):
     import ray
 
     from segpipe.pipeline.stages import ModelStage, RefineStage, fuse_batch, read_decode
 
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
-    ctx.enable_progress_bars = False  # segpipe prints its own per-shard progress
+    import sys
+
+    bars = _progress_mode(cfg, sys.stdout) == "bars"  # else segpipe prints its own per-stage lines
+    ctx.enable_progress_bars = bars
+    ctx.enable_operator_progress_bars = bars
+    ctx.enable_rich_progress_bars, ctx.use_ray_tqdm = bars, not bars  # Ray Data's rich per-operator UI
     logging.getLogger("ray.data").setLevel(logging.ERROR)  # full Ray Data logs stay in the session log dir
     rows = as_rows(todo)
     if inc is not None:
@@ -339,7 +422,7 @@ def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceF
     ds = ds.map_batches(
         read_decode,
         fn_kwargs={"max_pixels": cfg.decode.max_pixels, "max_bytes": cfg.decode.max_bytes,
-                   "storage_options": cfg.source.storage.options(cfg.source.uri)},
+                   "storage_options": cfg.source.storage.options(cfg.source.uri), "meter": meter},
         batch_size=cfg.pipeline.read_batch_size,
         num_cpus=cfg.pipeline.read_num_cpus,
         batch_format="numpy",
@@ -357,6 +440,7 @@ def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceF
                 "keep_image": k < len(models) - 1 or refiner is not None,  # the refiner reads the image
                 "tiling": cfg.tiling.model_dump(mode="json"),
                 "batch_size": stage_cfg.batch_size,
+                "meter": meter,
             },
             compute=ray.data.ActorPoolStrategy(size=stage_cfg.concurrency),
             batch_size=stage_cfg.batch_size,
@@ -368,7 +452,8 @@ def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceF
     if cfg.ensemble is not None:
         ds = ds.map_batches(
             fuse_batch,
-            fn_kwargs={"models": [[m.card.name, m.version] for m in models], "config": cfg.ensemble.model_dump(mode="json")},
+            fn_kwargs={"models": [[m.card.name, m.version] for m in models], "config": cfg.ensemble.model_dump(mode="json"),
+                       "meter": meter},
             batch_size=cfg.pipeline.read_batch_size,
             num_cpus=cfg.pipeline.ensemble_num_cpus,
             batch_format="numpy",
@@ -379,7 +464,7 @@ def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceF
         ds = ds.map_batches(
             RefineStage,
             fn_constructor_kwargs={"model_ref": refiner.ref, "source": source, "use_gpu": n_gpus > 0,
-                                   "num_threads": int(rc.num_cpus)},
+                                   "num_threads": int(rc.num_cpus), "meter": meter},
             compute=ray.data.ActorPoolStrategy(size=rc.concurrency),
             batch_size=rc.batch_size,
             num_cpus=rc.num_cpus,
@@ -389,7 +474,8 @@ def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceF
     return ds
 
 
-def _consume(cfg, ds, writer, run_id, models, primary, refiner, expected, stage_ms, progress, t0, before: dict) -> int:
+def _consume(cfg, ds, writer, run_id, models, primary, refiner, expected, stats: StreamStats, progress, t0,
+             before: dict) -> int:
     """Drain the stream; commit each shard when its last row arrives. Every model's instances go
     to predictions/; instances/ gets the ensemble's (with ``cfg.ensemble``) or the primary model's,
     filtered by the output thresholds. ``before``: the totals of shards committed earlier (resume).
@@ -402,6 +488,7 @@ def _consume(cfg, ds, writer, run_id, models, primary, refiner, expected, stage_
     from segpipe.structures import Instances
 
     names = {c.id: c.name for c in primary.card.categories}
+    stage_ms, forward_ms = stats.stage_ms, stats.forward_ms
     pending: dict[int, dict[str, list]] = defaultdict(lambda: {"instances": [], "predictions": [], "images": [], "errors": []})
     seen: dict[int, set[int]] = defaultdict(set)  # image ids received per open shard
     closed: set[int] = set()
@@ -409,7 +496,18 @@ def _consume(cfg, ds, writer, run_id, models, primary, refiner, expected, stage_
     total = sum(expected.values())
     done = 0
     n_images, n_errors = int(before["images"]), int(before["errors"])
-    for row in ds.iter_rows():
+    t_stream = time.perf_counter()
+    rows_iter = iter(ds.iter_rows())
+    while True:
+        tw = time.perf_counter()
+        row = next(rows_iter, None)
+        now = time.perf_counter()
+        stats.driver_wait_ms += (now - tw) * 1000
+        stats.exec_wall_s = now - t_stream
+        if row is None:
+            break
+        if stats.first_row_s is None:
+            stats.first_row_s = now - t_stream
         shard = int(row["shard"])
         if shard in closed or int(row["image_id"]) in seen[shard]:
             dropped += 1  # a retried task delivered a row twice: keep the first
@@ -419,8 +517,10 @@ def _consume(cfg, ds, writer, run_id, models, primary, refiner, expected, stage_
         ok = not row["error_type"]
         n_inst = 0
         stage_ms["read"] += float(row["ms:read"])
+        stage_ms["decode"] += float(row["ms:decode"])
         for m in models:
             stage_ms[m.card.name] += float(row[f"ms:{m.card.name}"])
+            forward_ms[m.card.name] += float(row[f"fwd:{m.card.name}"])
         if cfg.ensemble is not None:
             stage_ms["ensemble"] += float(row["ms:ensemble"])
         if refiner is not None:
@@ -480,6 +580,7 @@ def _consume(cfg, ds, writer, run_id, models, primary, refiner, expected, stage_
             writer.write_shard(shard, {k: to_table(k, v) for k, v in t.items()}, {"counts": counts})
             stage_ms["write"] += (time.perf_counter() - tw) * 1000
             done += counts["images"]
+            stats.done = done
             el = time.perf_counter() - t0
             rate = done / el if el > 0 else 0.0
             eta = (total - done) / rate if rate > 0 else 0.0

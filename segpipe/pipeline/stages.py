@@ -3,8 +3,13 @@
 Rows carry the listing columns (uri, image_id, relpath, size, tag, index, shard), then
 ``sha256``, ``width``, ``height``, ``image`` (uint8 [H, W, 3]; [0, 0, 3] on error), the error
 columns ``error_stage``/``error_type``/``error_message`` ('' when ok), and per model
-``pred:<model>`` (Instances.to_bytes(); b'' when not predicted) and ``ms:<model>``; with an
+``pred:<model>`` (Instances.to_bytes(); b'' when not predicted), ``ms:<model>`` (the image's
+share of the model stage's wall ms) and ``fwd:<model>`` (of which the network's forward); with an
 ensemble, ``pred:ensemble`` / ``meta:ensemble`` (``ensemble.fuse.encode_fused``) and ``ms:ensemble``.
+``ms:read`` is fetching the bytes (and hashing them), ``ms:decode`` decoding them.
+
+Every stage takes an optional ``meter`` (a ``pipeline.progress.StageMeter`` actor handle) and
+reports each batch to it (images, busy ms, its worker) for live per-stage progress.
 """
 
 from __future__ import annotations
@@ -25,7 +30,16 @@ def _object_array(items: list) -> np.ndarray:
     return arr
 
 
-def read_decode(batch: dict[str, np.ndarray], *, max_pixels: int, max_bytes: int, storage_options: dict | None = None) -> dict[str, Any]:
+def _report(meter, stage: str, images: int, busy_ms: float) -> None:
+    """Tell the progress meter (fire and forget) that this worker finished a batch."""
+    if meter is not None:
+        import ray
+
+        meter.add.remote(stage, images, busy_ms, ray.get_runtime_context().get_worker_id())
+
+
+def read_decode(batch: dict[str, np.ndarray], *, max_pixels: int, max_bytes: int, storage_options: dict | None = None,
+                meter=None) -> dict[str, Any]:
     """Read each ``uri`` through fsspec and decode it; failures become error columns, never raise."""
     from segpipe.io.decode import DecodeError, decode_image
     from segpipe.io.fs import resolve
@@ -33,10 +47,10 @@ def read_decode(batch: dict[str, np.ndarray], *, max_pixels: int, max_bytes: int
     n = len(batch["uri"])
     images, shas, widths, heights = [], [], [], []
     e_stage, e_type, e_msg = [], [], []
-    read_ms = []
+    read_ms, decode_ms = [], []
     for i in range(n):
         uri = str(batch["uri"][i])
-        t = time.perf_counter()
+        t = t1 = time.perf_counter()
         img, sha, err = EMPTY_IMAGE, "", ("", "", "")
         try:
             if int(batch["size"][i]) > max_bytes:  # size from the listing: no extra request
@@ -44,6 +58,7 @@ def read_decode(batch: dict[str, np.ndarray], *, max_pixels: int, max_bytes: int
             fs, path = resolve(uri, **(storage_options or {}))
             data = fs.cat_file(path)
             sha = hashlib.sha256(data).hexdigest()
+            t1 = time.perf_counter()
             img = decode_image(data, max_pixels=max_pixels)
         except DecodeError as e:
             err = ("decode", e.error_type, str(e))
@@ -56,7 +71,9 @@ def read_decode(batch: dict[str, np.ndarray], *, max_pixels: int, max_bytes: int
         e_stage.append(err[0])
         e_type.append(err[1])
         e_msg.append(err[2])
-        read_ms.append((time.perf_counter() - t) * 1000)
+        t2 = time.perf_counter()
+        read_ms.append((t1 - t) * 1000)
+        decode_ms.append((t2 - t1) * 1000 if t1 > t else 0.0)
     out = {k: batch[k] for k in batch}
     out.update(
         image=_object_array(images),
@@ -68,6 +85,8 @@ def read_decode(batch: dict[str, np.ndarray], *, max_pixels: int, max_bytes: int
         error_message=np.asarray(e_msg, dtype=object),
     )
     out["ms:read"] = np.asarray(read_ms, np.float64)
+    out["ms:decode"] = np.asarray(decode_ms, np.float64)
+    _report(meter, "read", n, sum(read_ms) + sum(decode_ms))
     return out
 
 
@@ -80,7 +99,7 @@ class ModelStage:
 
     def __init__(self, *, model_ref: str, model_name: str, use_gpu: bool, num_threads: int,
                  score_threshold: float | None, keep_image: bool, zoo_dir: str | None = None,
-                 tiling: dict | None = None, batch_size: int = 4) -> None:
+                 tiling: dict | None = None, batch_size: int = 4, meter=None) -> None:
         import torch
 
         from segpipe.config import TilingConfig
@@ -97,6 +116,7 @@ class ModelStage:
         self.tiling = TilingConfig.model_validate(tiling or {})
         self.tile = self.tiling.tile or default_tile(self.card)
         self.batch_size = batch_size
+        self.meter = meter
 
     def _tiles(self, image: np.ndarray) -> bool:
         from segpipe.modeling.tiled import needs_tiling
@@ -110,44 +130,53 @@ class ModelStage:
         tiled = [i for i in ok if self._tiles(batch["image"][i])]
         ok = [i for i in ok if i not in tiled]
         preds = [b""] * n if cached is None else [batch[f"pred:{self.name}"][i] if cached[i] else b"" for i in range(n)]
-        ms = np.zeros(n, np.float64)
+        ms, fwd = np.zeros(n, np.float64), np.zeros(n, np.float64)
         e_stage, e_type, e_msg = list(batch["error_stage"]), list(batch["error_type"]), list(batch["error_message"])
+        t_batch = time.perf_counter()
         if ok:
             t = time.perf_counter()
+            steps: dict[str, float] = {}
             try:
-                results = self.adapter.predict([batch["image"][i] for i in ok])
+                results = self.adapter.predict([batch["image"][i] for i in ok], steps)
                 per = (time.perf_counter() - t) * 1000 / len(ok)
                 for i, inst in zip(ok, results):
                     preds[i] = inst.to_bytes()
                     ms[i] = per
+                    fwd[i] = steps["forward"] / len(ok)
             except Exception:  # noqa: BLE001 - isolate the failing image, keep the others
                 for i in ok:
                     t1 = time.perf_counter()
+                    steps = {}
                     try:
-                        preds[i] = self.adapter.predict([batch["image"][i]])[0].to_bytes()
+                        preds[i] = self.adapter.predict([batch["image"][i]], steps)[0].to_bytes()
                     except Exception as e:  # noqa: BLE001
                         # repr when str is empty (a bare assert): an error record always says something
                         e_stage[i], e_type[i], e_msg[i] = f"model:{self.name}", type(e).__name__, (str(e) or repr(e))[:2000]
                     ms[i] = (time.perf_counter() - t1) * 1000
+                    fwd[i] = steps.get("forward", 0.0)
         if tiled:
             from segpipe.modeling.tiled import tiled_predict
         for i in tiled:
             t1 = time.perf_counter()
+            steps = {}
             try:
-                preds[i] = tiled_predict(self.adapter, batch["image"][i], self.tile, self.tiling, self.batch_size).to_bytes()
+                preds[i] = tiled_predict(self.adapter, batch["image"][i], self.tile, self.tiling, self.batch_size, steps).to_bytes()
             except Exception as e:  # noqa: BLE001
                 e_stage[i], e_type[i], e_msg[i] = f"model:{self.name}", type(e).__name__, (str(e) or repr(e))[:2000]
             ms[i] = (time.perf_counter() - t1) * 1000
+            fwd[i] = steps.get("forward", 0.0)
         out = {k: batch[k] for k in batch if self.keep_image or k != "image"}
         out[f"pred:{self.name}"] = _object_array(preds)
         out[f"ms:{self.name}"] = ms
+        out[f"fwd:{self.name}"] = fwd
         out["error_stage"] = np.asarray(e_stage, dtype=object)
         out["error_type"] = np.asarray(e_type, dtype=object)
         out["error_message"] = np.asarray(e_msg, dtype=object)
+        _report(self.meter, self.name, n, (time.perf_counter() - t_batch) * 1000)
         return out
 
 
-def fuse_batch(batch: dict[str, np.ndarray], *, models: list[list[str]], config: dict) -> dict[str, Any]:
+def fuse_batch(batch: dict[str, np.ndarray], *, models: list[list[str]], config: dict, meter=None) -> dict[str, Any]:
     """Fuse the models' instances of each ok row (``models``: [card name, version] pairs in
     workflow order; ``config``: an ``EnsembleConfig`` as a dict). Errored rows get b'' / ''."""
     from segpipe.config import EnsembleConfig
@@ -169,6 +198,7 @@ def fuse_batch(batch: dict[str, np.ndarray], *, models: list[list[str]], config:
     out["pred:ensemble"] = _object_array(preds)
     out["meta:ensemble"] = np.asarray(metas, dtype=object)
     out["ms:ensemble"] = ms
+    _report(meter, "ensemble", n, float(ms.sum()))
     return out
 
 
@@ -177,7 +207,8 @@ class RefineStage:
     (the ensemble's or the primary model's) into ``pred:refined`` and drops the image column.
     A refinement that fails on an image turns that row into an error record, as a model would."""
 
-    def __init__(self, *, model_ref: str, source: str, use_gpu: bool, num_threads: int, zoo_dir: str | None = None) -> None:
+    def __init__(self, *, model_ref: str, source: str, use_gpu: bool, num_threads: int, zoo_dir: str | None = None,
+                 meter=None) -> None:
         import torch
 
         from segpipe.modeling.zoo import DEFAULT_ZOO, load_adapter
@@ -186,6 +217,7 @@ class RefineStage:
         device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         self.refiner, self.card = load_adapter(model_ref, device=device, zoo=DEFAULT_ZOO if zoo_dir is None else Path(zoo_dir))
         self.source = source
+        self.meter = meter
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         from segpipe.ensemble.fuse import decode_fused
@@ -212,6 +244,7 @@ class RefineStage:
         out = {k: batch[k] for k in batch if k != "image"}
         out["pred:refined"] = _object_array(preds)
         out["ms:refine"] = ms
+        _report(self.meter, "refine", n, float(ms.sum()))
         out["error_stage"] = np.asarray(e_stage, dtype=object)
         out["error_type"] = np.asarray(e_type, dtype=object)
         out["error_message"] = np.asarray(e_msg, dtype=object)

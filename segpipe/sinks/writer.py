@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from typing import Any
+from typing import Any, Collection, Sequence
 
 import fsspec
 import pyarrow as pa
@@ -149,18 +149,22 @@ def read_markers(fs: fsspec.AbstractFileSystem, root: str) -> dict[int, dict]:
     return out
 
 
-def read_committed(output_uri: str, table: str, fs: fsspec.AbstractFileSystem | None = None) -> pa.Table:
-    """Concatenate one table over committed shards only (those whose marker lists it), cast to its declared schema."""
+def read_committed(output_uri: str, table: str, fs: fsspec.AbstractFileSystem | None = None, *,
+                   columns: Sequence[str] | None = None, shards: Collection[int] | None = None) -> pa.Table:
+    """Concatenate one table over committed shards only (those whose marker lists it), cast to its declared schema.
+
+    ``columns`` reads only those columns (in that order); ``shards`` only those shard numbers."""
     from segpipe.sinks.tables import SCHEMAS
 
+    schema = SCHEMAS[table] if columns is None else pa.schema([SCHEMAS[table].field(c) for c in columns])
     fs, root = resolve(output_uri, fs)
     parts = []
-    for _, m in sorted(read_markers(fs, root).items()):
-        if table not in m["tables"]:
+    for shard, m in sorted(read_markers(fs, root).items()):
+        if table not in m["tables"] or (shards is not None and shard not in shards):
             continue
         with fs.open(f"{root}/{m['tables'][table]}", "rb") as f:
-            parts.append(pq.read_table(f).cast(SCHEMAS[table]))
-    return pa.concat_tables(parts) if parts else SCHEMAS[table].empty_table()
+            parts.append(pq.read_table(f, columns=None if columns is None else list(columns)).cast(schema))
+    return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
 def read_manifest(run_uri: str, fs: fsspec.AbstractFileSystem | None = None) -> dict:
