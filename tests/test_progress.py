@@ -42,8 +42,11 @@ def test_stage_table_utilization_efficiency_and_bottleneck():
     assert by["decode"]["workers"] == 2 and by["decode"]["utilization_joint"] == 0.02  # (100 + 300) / (10 s x 2)
     assert by["write"]["kind"] == "driver" and by["write"]["workers"] == 1
     assert by["m1"]["ms_per_image"] == 60.0 and by["m1"]["forward_ms"] == 5000.0 and by["read"]["forward_ms"] is None
-    assert eff == {"wall_s": 10.0, "model_forward_ms": 6500.0, "pipeline_efficiency": 0.65, "driver_wait_ms": 9000.0,
-                   "startup_s": 2.0, "bottleneck": "m1"}
+    assert eff == {"wall_s": 10.0, "model_forward_ms": 6500.0, "pipeline_efficiency": 0.65, "model_forward_cpu_ms": None,
+                   "cpu_efficiency": None, "cpus": None, "driver_wait_ms": 9000.0, "startup_s": 2.0, "bottleneck": "m1"}
+    _, eff2 = stage_table(stage_ms, {"m1": 5000.0}, ["m1", "m2"], 100, 10.0, {}, {}, 0.0, None,
+                          forward_cpu_ms={"m1": 9000.0, "m2": 3000.0}, cpus=2.0)
+    assert eff2["model_forward_cpu_ms"] == 12000.0 and eff2["cpu_efficiency"] == 0.6  # 12 core-s of 2 x 10 s
     text = format_stage_table(rows, eff)
     assert "bottleneck: m1" in text and "efficiency 0.65" in text
 
@@ -66,7 +69,8 @@ def test_a_run_prints_per_stage_progress_and_records_its_account(ray_local, tiny
     assert names == ["read", "decode", "tiny-maskrcnn", "write"]
     model = res.stages[2]
     assert model["kind"] == "actor" and model["workers"] == model["active_workers"] == 1
-    assert 0 < model["forward_ms"] <= model["busy_ms"]
+    assert 0 < model["forward_ms"] <= model["busy_ms"] and model["forward_cpu_ms"] > 0
+    assert 0 < res.efficiency["cpu_efficiency"] <= 1 and res.efficiency["cpus"] == 2
     assert 0 < model["utilization"] <= 1.0
     assert res.efficiency["bottleneck"] in names and 0 < res.efficiency["pipeline_efficiency"] < 1
     import json

@@ -52,6 +52,7 @@ def sequential(cfg: WorkflowConfig, files: list[Path], out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     stage_ms: dict[str, float] = defaultdict(float)
     forward_ms: dict[str, float] = defaultdict(float)
+    forward_cpu_ms: dict[str, float] = defaultdict(float)
     first_s = None
 
     def lap(name: str, t: float) -> float:
@@ -73,6 +74,7 @@ def sequential(cfg: WorkflowConfig, files: list[Path], out_dir: Path) -> dict:
             else:
                 inst = adapter.predict([image], steps)[0]
             forward_ms[card.name] += steps.get("forward", 0.0)
+            forward_cpu_ms[card.name] += steps.get("forward_cpu", 0.0)
             outs.append(ModelOutput(name=card.name, version=card.version(), instances=inst))
             t = lap(card.name, t)
         final, spread = outs[0].instances, None
@@ -91,7 +93,8 @@ def sequential(cfg: WorkflowConfig, files: list[Path], out_dir: Path) -> dict:
             first_s = time.perf_counter() - t0
     wall = time.perf_counter() - t0
     return {"mode": "sequential", "images": len(files), "wall_s": wall, "first_s": first_s,
-            "torch_threads": torch.get_num_threads(), "stage_ms": dict(stage_ms), "forward_ms": dict(forward_ms)}
+            "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(), "stage_ms": dict(stage_ms),
+            "forward_ms": dict(forward_ms), "forward_cpu_ms": dict(forward_cpu_ms)}
 
 
 def _json_instances(inst) -> list[dict]:
@@ -131,15 +134,21 @@ def pipelined(cfg: WorkflowConfig, out_uri: str) -> dict:
     return {"mode": "pipeline", "images": res.counts["images"], "wall_s": wall,
             "first_s": wall - stream + (eff.get("startup_s") or 0.0), "stage_ms": res.stage_ms,
             "forward_ms": {r["name"]: r["forward_ms"] for r in res.stages if r["forward_ms"] is not None},
-            "stages": res.stages, "account": eff, "run_id": res.run_id}
+            "forward_cpu_ms": {r["name"]: r["forward_cpu_ms"] for r in res.stages if r["forward_cpu_ms"] is not None},
+            "cpus": eff.get("cpus"), "stages": res.stages, "account": eff, "run_id": res.run_id}
 
 
 def summarize(r: dict) -> dict:
-    """Add images/s (end to end and after the first result), efficiency = model forward / wall."""
+    """Add images/s (end to end, and after the first result), efficiency = summed model forward
+    wall time / wall, and CPU efficiency = the forwards' CPU time / (wall x CPUs): the share of
+    the machine that went into model forward passes (forward wall time also counts waiting for
+    a core when processes outnumber cores; CPU time does not)."""
     n, wall, first = r["images"], r["wall_s"], r["first_s"] or 0.0
     fwd = sum(r["forward_ms"].values()) / 1000
+    cpu = sum(r["forward_cpu_ms"].values()) / 1000
     r.update(images_per_s=n / wall, steady_images_per_s=(n - 1) / (wall - first) if n > 1 and wall > first else None,
-             model_forward_s=fwd, efficiency=fwd / wall)
+             model_forward_s=fwd, efficiency=fwd / wall, model_forward_cpu_s=cpu,
+             cpu_efficiency=cpu / (wall * r["cpus"]) if r.get("cpus") else None)
     return r
 
 
@@ -193,14 +202,16 @@ def _machine(has_gpu: bool) -> dict:
 
 def table(res: dict) -> str:
     """The comparison as a short Markdown table, then each run's stage times (s, summed)."""
-    lines = ["| run | wall s | first result s | images/s | steady images/s | ratio vs sequential | model forward s | efficiency |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| run | wall s | first result s | images/s | steady images/s | ratio vs sequential | model forward s | "
+             "efficiency | forward CPU core-s | CPU efficiency |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in res["runs"]:
         name = "sequential loop" if r["mode"] == "sequential" else f"pipeline, {r['actors_per_stage']} actor(s)/stage"
         steady = f"{r['steady_images_per_s']:.2f}" if r.get("steady_images_per_s") else "-"
         ratio = f"{r['ratio_vs_sequential']:.2f}" if "ratio_vs_sequential" in r else "1"
         lines.append(f"| {name} | {r['wall_s']:.1f} | {r['first_s'] or 0:.1f} | {r['images_per_s']:.2f} | {steady} | "
-                     f"{ratio} | {r['model_forward_s']:.1f} | {r['efficiency']:.2f} |")
+                     f"{ratio} | {r['model_forward_s']:.1f} | {r['efficiency']:.2f} | {r['model_forward_cpu_s']:.1f} | "
+                     f"{r['cpu_efficiency'] if r['cpu_efficiency'] is not None else float('nan'):.2f} |")
     stages = list(dict.fromkeys(k for r in res["runs"] for k in r["stage_ms"]))
     lines += ["", "| stage (summed s) | " + " | ".join(
         "sequential" if r["mode"] == "sequential" else f"pipeline x{r['actors_per_stage']}" for r in res["runs"]) + " |",

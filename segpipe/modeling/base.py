@@ -69,7 +69,8 @@ class ModelAdapter(NetworkHolder, ABC):
     def predict(self, images: Sequence[np.ndarray], timings: dict[str, float] | None = None) -> list[Instances]:
         """``preprocess`` -> ``forward`` -> ``postprocess``. With ``timings``, adds each step's
         wall ms to ``timings['preprocess' | 'forward' | 'postprocess']`` (on a GPU, ``forward``
-        waits for the device, so it is the network's own time)."""
+        waits for the device, so it is the network's own time) and the CPU ms this process spent
+        in the forward, all its threads together, to ``timings['forward_cpu']``."""
         if timings is None:
             batch = self.preprocess(images)
             with torch.inference_mode():
@@ -77,14 +78,14 @@ class ModelAdapter(NetworkHolder, ABC):
             return self.postprocess(raw, batch)
         t0 = time.perf_counter()
         batch = self.preprocess(images)
-        t1 = time.perf_counter()
+        t1, c1 = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             raw = self.forward(batch)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.process_time()
         out = self.postprocess(raw, batch)
         t3 = time.perf_counter()
-        for k, v in (("preprocess", t1 - t0), ("forward", t2 - t1), ("postprocess", t3 - t2)):
+        for k, v in (("preprocess", t1 - t0), ("forward", t2 - t1), ("postprocess", t3 - t2), ("forward_cpu", c2 - c1)):
             timings[k] = timings.get(k, 0.0) + v * 1000
         return out

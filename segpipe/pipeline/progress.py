@@ -131,17 +131,21 @@ class Reporter:
 
 def stage_table(stage_ms: dict[str, float], forward_ms: dict[str, float], models: list[str], images: int,
                 exec_wall_s: float, workers: dict[str, int], kinds: dict[str, str], driver_wait_ms: float,
-                first_row_s: float | None, active: dict[str, int] | None = None) -> tuple[list[dict], dict]:
+                first_row_s: float | None, active: dict[str, int] | None = None, *,
+                forward_cpu_ms: dict[str, float] | None = None, cpus: float | None = None) -> tuple[list[dict], dict]:
     """A finished run's per-stage account (pure).
 
     ``stage_ms``: summed busy ms per stage (read, decode, each model, ensemble, refine, write);
     ``forward_ms``: each model's summed network forward ms; ``exec_wall_s``: seconds from the
     start of streaming to the last row; ``workers``: per stage, its actor pool's size, or for
     tasks the worker processes seen (``kinds``: task, actor or driver); ``active``: the workers
-    seen doing work. Returns (stages in flow order: name, kind, workers, active_workers, images,
-    busy_ms, ms_per_image, forward_ms, utilization = busy / (wall x workers)) and the efficiency record:
-    model_forward_ms, pipeline_efficiency = forward / wall, driver_wait_ms, startup_s (to the
-    first row), bottleneck (the stage with the highest utilization: the others wait on it).
+    seen doing work; ``forward_cpu_ms``: each model's forward in CPU ms (all threads); ``cpus``:
+    the CPUs the run had. Returns (stages in flow order: name, kind, workers, active_workers,
+    images, busy_ms, ms_per_image, forward_ms, forward_cpu_ms, utilization = busy / (wall x
+    workers)) and the efficiency record: model_forward_ms, pipeline_efficiency = forward / wall,
+    model_forward_cpu_ms, cpu_efficiency = forward CPU / (wall x cpus) (the share of the
+    machine spent in model forward passes), cpus, driver_wait_ms, startup_s (to the first row),
+    bottleneck (the stage with the highest utilization: the others wait on it).
     """
     wall_ms = exec_wall_s * 1000
     rows = []
@@ -157,6 +161,7 @@ def stage_table(stage_ms: dict[str, float], forward_ms: dict[str, float], models
                      "images": images, "busy_ms": round(busy, 1),
                      "ms_per_image": round(busy / images, 2) if images else None,
                      "forward_ms": round(forward_ms[name], 1) if name in forward_ms else None,
+                     "forward_cpu_ms": round(forward_cpu_ms[name], 1) if forward_cpu_ms and name in forward_cpu_ms else None,
                      "utilization": round(util, 3) if util is not None else None})
     fwd = float(sum(forward_ms.values()))
     if "decode" in stage_ms and "read" in stage_ms:  # read and decode share tasks: their utilization is joint
@@ -166,8 +171,12 @@ def stage_table(stage_ms: dict[str, float], forward_ms: dict[str, float], models
             r["utilization_joint"] = round(u, 3)
     ranked = [r for r in rows if r["utilization"] is not None]
     bottleneck = max(ranked, key=lambda r: r.get("utilization_joint", r["utilization"]))["name"] if ranked else None
+    cpu = float(sum((forward_cpu_ms or {}).values()))
     eff = {"wall_s": round(exec_wall_s, 3), "model_forward_ms": round(fwd, 1),
            "pipeline_efficiency": round(fwd / wall_ms, 4) if wall_ms > 0 else None,
+           "model_forward_cpu_ms": round(cpu, 1) if forward_cpu_ms is not None else None,
+           "cpu_efficiency": round(cpu / (wall_ms * cpus), 4) if forward_cpu_ms is not None and cpus and wall_ms > 0 else None,
+           "cpus": cpus,
            "driver_wait_ms": round(driver_wait_ms, 1), "startup_s": round(first_row_s, 3) if first_row_s is not None else None,
            "bottleneck": bottleneck}
     return rows, eff
@@ -184,7 +193,10 @@ def format_stage_table(stages: list[dict], eff: dict) -> str:
                      f"{num(r['ms_per_image'], '.1f'):>8} {num(r['forward_ms'] and r['forward_ms'] / 1000, '.2f'):>7} "
                      f"{num(r.get('utilization_joint', r['utilization']), '.2f'):>6}")
     pe = eff.get("pipeline_efficiency")
+    ce = eff.get("cpu_efficiency")
     lines.append(f"  streaming {eff['wall_s']:.1f}s (first row after {eff.get('startup_s') or 0:.1f}s); model forward "
-                 f"{eff['model_forward_ms'] / 1000:.1f}s = efficiency {pe if pe is not None else float('nan'):.2f}; "
-                 f"driver waited {eff['driver_wait_ms'] / 1000:.1f}s; bottleneck: {eff['bottleneck']}")
+                 f"{eff['model_forward_ms'] / 1000:.1f}s = efficiency {pe if pe is not None else float('nan'):.2f}"
+                 + (f" (forward CPU {eff['model_forward_cpu_ms'] / 1000:.1f} core-s = {100 * ce:.0f}% of {eff['cpus']:g} CPUs)"
+                    if ce is not None else "")
+                 + f"; driver waited {eff['driver_wait_ms'] / 1000:.1f}s; bottleneck: {eff['bottleneck']}")
     return "\n".join(lines)

@@ -54,6 +54,7 @@ class StreamStats:
 
     stage_ms: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     forward_ms: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    forward_cpu_ms: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     driver_wait_ms: float = 0.0  # blocked on the iterator for the next row
     first_row_s: float | None = None  # from the start of streaming to the first row
     exec_wall_s: float = 0.0  # from the start of streaming to the last row
@@ -198,6 +199,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
     started_ray = _init_ray(cfg)
     try:
         has_gpu = ray.cluster_resources().get("GPU", 0) > 0
+        cluster_cpus = float(ray.cluster_resources().get("CPU", 0)) or None
         if cfg.pipeline.ray_address is None:
             _check_cpus(cfg, float(ray.cluster_resources().get("CPU", 0)))
         device_kind = "cuda" if has_gpu else "cpu"
@@ -231,7 +233,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
     markers = read_markers(writer.fs, writer.root)
     counts = _totals(markers)
     processed_now = sum(int(mk["counts"]["images"]) for s, mk in markers.items() if s not in committed)
-    stages, efficiency = _stage_account(stats, snapshot, models, refiner, cfg, processed_now)
+    stages, efficiency = _stage_account(stats, snapshot, models, refiner, cfg, processed_now, cluster_cpus)
     cats = [c.model_dump() for c in primary.card.categories]
     coco_counts = write_coco(writer, cats) if cfg.output.coco else None
     wall = time.perf_counter() - t0
@@ -335,7 +337,7 @@ def _snapshot(meter) -> dict:
 
 
 def _stage_account(stats: StreamStats, snapshot: dict, models: list[_Model], refiner: _Model | None,
-                   cfg: WorkflowConfig, images: int) -> tuple[list[dict], dict | None]:
+                   cfg: WorkflowConfig, images: int, cpus: float | None) -> tuple[list[dict], dict | None]:
     """progress.stage_table over this run's stream: actor stages count their pool's size, task
     stages the workers the meter saw."""
     from segpipe.pipeline.progress import stage_table
@@ -351,7 +353,8 @@ def _stage_account(stats: StreamStats, snapshot: dict, models: list[_Model], ref
         kinds["refine"] = "actor"
         workers["refine"] = cfg.refine.concurrency
     return stage_table(dict(stats.stage_ms), dict(stats.forward_ms), [m.card.name for m in models], images,
-                       stats.exec_wall_s, workers, kinds, stats.driver_wait_ms, stats.first_row_s, active)
+                       stats.exec_wall_s, workers, kinds, stats.driver_wait_ms, stats.first_row_s, active,
+                       forward_cpu_ms=dict(stats.forward_cpu_ms), cpus=cpus)
 
 
 def _plan(cfg: WorkflowConfig, files: list[SourceFile], models: list[_Model], refiner: _Model | None) -> dict:
@@ -521,6 +524,7 @@ def _consume(cfg, ds, writer, run_id, models, primary, refiner, expected, stats:
         for m in models:
             stage_ms[m.card.name] += float(row[f"ms:{m.card.name}"])
             forward_ms[m.card.name] += float(row[f"fwd:{m.card.name}"])
+            stats.forward_cpu_ms[m.card.name] += float(row[f"cpu:{m.card.name}"])
         if cfg.ensemble is not None:
             stage_ms["ensemble"] += float(row["ms:ensemble"])
         if refiner is not None:

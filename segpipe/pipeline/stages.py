@@ -4,7 +4,8 @@ Rows carry the listing columns (uri, image_id, relpath, size, tag, index, shard)
 ``sha256``, ``width``, ``height``, ``image`` (uint8 [H, W, 3]; [0, 0, 3] on error), the error
 columns ``error_stage``/``error_type``/``error_message`` ('' when ok), and per model
 ``pred:<model>`` (Instances.to_bytes(); b'' when not predicted), ``ms:<model>`` (the image's
-share of the model stage's wall ms) and ``fwd:<model>`` (of which the network's forward); with an
+share of the model stage's wall ms), ``fwd:<model>`` (of which the network's forward) and
+``cpu:<model>`` (the CPU ms of that forward, all threads of the actor's process); with an
 ensemble, ``pred:ensemble`` / ``meta:ensemble`` (``ensemble.fuse.encode_fused``) and ``ms:ensemble``.
 ``ms:read`` is fetching the bytes (and hashing them), ``ms:decode`` decoding them.
 
@@ -130,7 +131,7 @@ class ModelStage:
         tiled = [i for i in ok if self._tiles(batch["image"][i])]
         ok = [i for i in ok if i not in tiled]
         preds = [b""] * n if cached is None else [batch[f"pred:{self.name}"][i] if cached[i] else b"" for i in range(n)]
-        ms, fwd = np.zeros(n, np.float64), np.zeros(n, np.float64)
+        ms, fwd, cpu = np.zeros(n, np.float64), np.zeros(n, np.float64), np.zeros(n, np.float64)
         e_stage, e_type, e_msg = list(batch["error_stage"]), list(batch["error_type"]), list(batch["error_message"])
         t_batch = time.perf_counter()
         if ok:
@@ -142,7 +143,7 @@ class ModelStage:
                 for i, inst in zip(ok, results):
                     preds[i] = inst.to_bytes()
                     ms[i] = per
-                    fwd[i] = steps["forward"] / len(ok)
+                    fwd[i], cpu[i] = steps["forward"] / len(ok), steps["forward_cpu"] / len(ok)
             except Exception:  # noqa: BLE001 - isolate the failing image, keep the others
                 for i in ok:
                     t1 = time.perf_counter()
@@ -153,7 +154,7 @@ class ModelStage:
                         # repr when str is empty (a bare assert): an error record always says something
                         e_stage[i], e_type[i], e_msg[i] = f"model:{self.name}", type(e).__name__, (str(e) or repr(e))[:2000]
                     ms[i] = (time.perf_counter() - t1) * 1000
-                    fwd[i] = steps.get("forward", 0.0)
+                    fwd[i], cpu[i] = steps.get("forward", 0.0), steps.get("forward_cpu", 0.0)
         if tiled:
             from segpipe.modeling.tiled import tiled_predict
         for i in tiled:
@@ -164,11 +165,12 @@ class ModelStage:
             except Exception as e:  # noqa: BLE001
                 e_stage[i], e_type[i], e_msg[i] = f"model:{self.name}", type(e).__name__, (str(e) or repr(e))[:2000]
             ms[i] = (time.perf_counter() - t1) * 1000
-            fwd[i] = steps.get("forward", 0.0)
+            fwd[i], cpu[i] = steps.get("forward", 0.0), steps.get("forward_cpu", 0.0)
         out = {k: batch[k] for k in batch if self.keep_image or k != "image"}
         out[f"pred:{self.name}"] = _object_array(preds)
         out[f"ms:{self.name}"] = ms
         out[f"fwd:{self.name}"] = fwd
+        out[f"cpu:{self.name}"] = cpu
         out["error_stage"] = np.asarray(e_stage, dtype=object)
         out["error_type"] = np.asarray(e_type, dtype=object)
         out["error_message"] = np.asarray(e_msg, dtype=object)
