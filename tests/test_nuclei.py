@@ -143,6 +143,6 @@ def test_models_eval_reads_uris(tmp_path):
     r = CliRunner().invoke(app, ["models", "eval", str(card), "--gt", (SAMPLE / "annotations.json").as_uri(),
                                  "--max-dets", "1000", "--json"])
     assert r.exit_code == 0, r.output
-    stats = json.loads(r.output)
+    stats = json.loads(r.stdout)  # progress lines go to stderr
     assert stats["n_images"] == 7 and stats["max_dets"] == 1000 and 0 <= stats["AP"] <= 1
     assert np.isfinite(stats["AP"])

@@ -232,7 +232,8 @@ def _fuse_group(outputs, weights, total, group, cfg: EnsembleConfig, h: int, w: 
     x0, y0, x1, y1 = region
     if x1 <= x0 or y1 <= y0:
         return None
-    binary = [mask_ops.decode_region(ins.masks[i], region) for ins, i in zip(insts, idx)]
+    # Soft fusion needs no member's binary mask: members' IoUs to the fused mask come from RLEs.
+    binary = None if cfg.method == "soft" else [mask_ops.decode_region(ins.masks[i], region) for ins, i in zip(insts, idx)]
     probs = [member_probs(ins, i, region) for ins, i in zip(insts, idx)]
     if cfg.method == "soft":
         denom = strength.sum()
@@ -252,8 +253,13 @@ def _fuse_group(outputs, weights, total, group, cfg: EnsembleConfig, h: int, w: 
     ys, xs = np.nonzero(keep)
     box = (x0 + int(xs.min()), y0 + int(ys.min()), x0 + int(xs.max()) + 1, y0 + int(ys.max()) + 1)
     local_box = (box[0] - x0, box[1] - y0, box[2] - x0, box[3] - y0)
+    rle = mask_ops.encode_local(keep, x0, y0, h, w)
+    if binary is None:
+        ious = mask_ops.iou([ins.masks[i] for ins, i in zip(insts, idx)], [rle])[:, 0]
+    else:
+        ious = [_binary_iou(b, keep) for b in binary]
     members = [Member(model=outputs[m].name, model_version=outputs[m].version, score=float(outputs[m].instances.scores[i]),
-                      iou=_binary_iou(b, keep)) for (m, i), b in zip(group, binary)]
+                      iou=float(v)) for (m, i), v in zip(group, ious)]
     agreement = float(np.mean([iou[(ma, mb)][ia, ib] for (ma, ia), (mb, ib) in combinations(group, 2)])) if len(group) > 1 else None
     score = float(strength.sum() / total)
     if cfg.class_agnostic:
@@ -268,7 +274,7 @@ def _fuse_group(outputs, weights, total, group, cfg: EnsembleConfig, h: int, w: 
         "box": box,
         "score": score,
         "label": label,
-        "rle": mask_ops.encode_local(keep, x0, y0, h, w),
+        "rle": rle,
         "probs": frames[0],
         "spread": frames[1],
         "members": members,

@@ -47,16 +47,21 @@ def tiled_predict(adapter, image: np.ndarray, tile: int, cfg: TilingConfig, batc
     preds: list[Instances] = []
     for i in range(0, len(tiles), batch_size):
         chunk = tiles[i:i + batch_size]
-        preds.extend(adapter.predict([np.ascontiguousarray(image[t.y0:t.y1, t.x0:t.x1]) for t in chunk], timings))
+        preds.extend(_predict(adapter, [np.ascontiguousarray(image[t.y0:t.y1, t.x0:t.x1]) for t in chunk], timings))
     merged = merge_tiles(list(zip(tiles, preds)), h, w, ios_thresh=cfg.ios_thresh)
     if not cfg.full_image:
         return merged
     scale = tile / max(h, w)
     small = resize(image, max(1, round(h * scale)), max(1, round(w * scale)))
-    coarse = upscale(adapter.predict([small], timings)[0], h, w)
+    coarse = upscale(_predict(adapter, [small], timings)[0], h, w)
     side = np.maximum(coarse.boxes[:, 2] - coarse.boxes[:, 0], coarse.boxes[:, 3] - coarse.boxes[:, 1])
     large = coarse.select(np.nonzero(side > cfg.full_image_min_size * tile)[0])
     return merge_greedy(concat([merged, large], h, w), cfg.ios_thresh)
+
+
+def _predict(adapter, images: list[np.ndarray], timings: dict[str, float] | None) -> list[Instances]:
+    """``adapter.predict``, passing ``timings`` only when asked (any object with ``predict(images)`` works)."""
+    return adapter.predict(images) if timings is None else adapter.predict(images, timings)
 
 
 def resize(image: np.ndarray, h: int, w: int) -> np.ndarray:

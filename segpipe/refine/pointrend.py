@@ -83,15 +83,14 @@ class PointRendRefiner(nn.Module):
         h, w = feats.shape[-2] * self.stride, feats.shape[-1] * self.stride  # the padded image the features cover
         grid = torch.stack([xy[..., 0] / w * 2 - 1, xy[..., 1] / h * 2 - 1], -1).reshape(1, n * p, 1, 2)
         f = F.grid_sample(feats[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
-        f = f[0, :, :, 0].reshape(-1, n, p).permute(1, 0, 2)  # [N, C, P]
-        side = [coarse_logit[:, None]]
+        x = f[0, :, :, 0].t()  # [N * P, C]: points as rows, so each 1x1 convolution is one matrix product
+        side = [coarse_logit.reshape(-1, 1)]
         if self.params.use_disagreement:
-            side.append((disagreement if disagreement is not None else torch.zeros_like(coarse_logit))[:, None])
+            side.append((disagreement if disagreement is not None else torch.zeros_like(coarse_logit)).reshape(-1, 1))
         side_t = torch.cat(side, 1)
-        x = f
         for layer in self.layers:
-            x = F.relu(layer(torch.cat([x, side_t], 1)))
-        return self.out(torch.cat([x, side_t], 1))[:, 0]
+            x = F.relu(F.linear(torch.cat([x, side_t], 1), layer.weight[:, :, 0], layer.bias))
+        return F.linear(torch.cat([x, side_t], 1), self.out.weight[:, :, 0], self.out.bias).reshape(n, p)
 
     @torch.no_grad()
     def subdivide(self, feats: torch.Tensor, coarse: torch.Tensor, frames: torch.Tensor,
