@@ -176,6 +176,12 @@ class PipelineConfig(Strict):
         "(Ray Data's operator progress bars), off; auto = bars on an interactive terminal, else lines")
     progress_interval_s: float = Field(10.0, gt=0, description="seconds between progress lines")
 
+    @field_validator("progress", mode="before")
+    @classmethod
+    def _yaml_off(cls, v):
+        """YAML 1.1 reads a bare ``off`` as false (and ``on`` as true: the automatic choice)."""
+        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
+
 
 class RefineConfig(Strict):
     """The refinement stage: a refiner card (e.g. pointrend-nuclei) applied to what fills

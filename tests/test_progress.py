@@ -93,3 +93,12 @@ def test_ticker_prints_count_rate_eta_and_the_final_line():
     t0 = Ticker("x", 4, out.append, interval_s=0)
     t0.tick(2)
     assert out[-1].startswith("x 2/4 ") and "ETA" in out[-1]
+
+
+def test_progress_off_survives_yaml():
+    """--set pipeline.progress=off: YAML reads a bare off as false; it still means off."""
+    wf = REPO / "workflows" / "demo.yaml"
+    assert load_workflow(wf, ["pipeline.progress=off"]).pipeline.progress == "off"
+    assert load_workflow(wf, ["pipeline.progress=bars"]).pipeline.progress == "bars"
+    with pytest.raises(Exception, match="pipeline.progress"):
+        load_workflow(wf, ["pipeline.progress=sometimes"])
