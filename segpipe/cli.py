@@ -131,9 +131,11 @@ def train_cmd(
         METHODS[cfg.method].params.model_validate(cfg.params)  # a bad --param fails here, before any work
     except (ValidationError, ValueError) as e:
         _fail(_config_error(e))
+    from segpipe.train.loop import CheckpointMismatchError
+
     try:
         card = train(cfg, log=lambda m: typer.echo(m), command=shell_command(sys.argv[1:]))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, CheckpointMismatchError) as e:
         _fail(str(e))
     typer.echo(f"card: {card}")
 

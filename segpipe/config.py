@@ -531,6 +531,8 @@ class PointRendParams(Strict):
     oversample: float = Field(3.0, ge=1, description="training: candidate points per kept point")
     importance: float = Field(0.75, ge=0, le=1, description="training: share of points taken by uncertainty")
     max_train_instances: int = Field(32, ge=1, description="training: instances per image at most")
+    mild: float = Field(0.0, ge=0, le=1, description="training: share of instances given sub-cell errors (those of a "
+                        "good model or an ensemble seen through its soft mask) instead of coarse degradations")
 
 
 # --- helpers ------------------------------------------------------------------------------

@@ -107,6 +107,26 @@ def test_train_writes_a_loadable_card(tmp_path):
     assert loaded.version().startswith("maskrcnn-test@")
 
 
+def test_train_refuses_to_resume_a_checkpoint_of_another_recipe(tmp_path):
+    """Same work dir and name, another architecture: resuming would write a card whose weights
+    do not match its params, so training stops and says why; the same recipe resumes."""
+    from segpipe.config import TrainConfig
+    from segpipe.train.loop import CheckpointMismatchError, train
+
+    def cfg(out, iterations, dets):
+        return TrainConfig(method="maskrcnn", domain="shapes", iterations=iterations, batch_size=2, train_n=4, val_n=2,
+                           work_dir=str(tmp_path / "work"), name="maskrcnn-ckpt", out=str(tmp_path / out),
+                           checkpoint_every=1, params={"box_detections_per_img": dets})
+
+    train(cfg("a", 1, 37), log=lambda m: None)
+    with pytest.raises(CheckpointMismatchError, match="params.*--work-dir"):
+        train(cfg("b", 1, 38), log=lambda m: None)
+    assert not (tmp_path / "b" / "card.yaml").exists()
+    lines: list[str] = []
+    train(cfg("c", 2, 37), log=lines.append)  # the same recipe, more iterations: resumes
+    assert any("resumed from" in ln and "iteration 1" in ln for ln in lines), lines
+
+
 @pytest.mark.parametrize("param, why", [("box_detections_per_img=0", "box_detections_per_img"), ("nosuch=1", "nosuch"),
                                         ("nokey", "--param")])
 def test_train_rejects_a_bad_param_before_any_work(tmp_path, param, why):

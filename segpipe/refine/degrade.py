@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from segpipe.ops import polar
 
 KINDS = ("lowres", "morph", "polygon", "fused")
+MILD_KINDS = ("cells", "nudge", "half_morph", "fused_mild")
 
 
 def lowres(frame: torch.Tensor, side: int) -> torch.Tensor:
@@ -59,21 +60,39 @@ def polygon(frame: np.ndarray, n_rays: int) -> np.ndarray:
     return polar.polygon_soft_mask(poly, np.array([0.0, 0.0, s, s]), s, supersample=2)
 
 
-def degrade(frames: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def degrade(frames: torch.Tensor, generator: torch.Generator, mild: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Ground-truth frames [N, S, S] in [0, 1] -> (coarse probabilities [N, S, S], disagreement
     [N, S, S] in [0, 0.5]: the std of the fused copies, 0 for single degradations). Each frame
     gets one of ``KINDS`` at random: lowres (side 4..S/2), morph (radius -2..2), polygon
-    (6..16 rays), fused (3 copies, each shifted by up to 2 cells and morphed by up to 1)."""
+    (6..16 rays), fused (3 copies, each shifted by up to 2 cells and morphed by up to 1); or,
+    with probability ``mild``, one of ``MILD_KINDS``, the sub-cell errors of a good model's or an
+    ensemble's mask seen through its S x S soft mask: cells (the frame as it is), nudge (half
+    way to a copy shifted by one cell), half_morph (half way to a copy dilated or eroded by one
+    cell), fused_mild (3 copies shifted by up to 1 cell)."""
     n, s = frames.shape[0], frames.shape[-1]
     coarse = torch.empty_like(frames)
     spread = torch.zeros_like(frames)
     kinds = torch.randint(len(KINDS), (n,), generator=generator).tolist()
+    gentle = (torch.rand(n, generator=generator) < mild).tolist()
 
     def rint(lo: int, hi: int) -> int:
         return int(torch.randint(lo, hi + 1, (1,), generator=generator))
 
     for i, kind in enumerate(kinds):
         f = frames[i : i + 1]
+        if gentle[i]:
+            name = MILD_KINDS[kind % len(MILD_KINDS)]
+            if name == "cells":
+                coarse[i] = f[0]
+            elif name == "nudge":
+                dx, dy = (rint(-1, 1), 0) if rint(0, 1) else (0, rint(-1, 1))
+                coarse[i] = 0.5 * (f[0] + shift(f, dx, dy)[0])
+            elif name == "half_morph":
+                coarse[i] = 0.5 * (f[0] + morph(f, 1 if rint(0, 1) else -1)[0])
+            else:
+                copies = torch.stack([shift(f, rint(-1, 1), rint(-1, 1))[0] for _ in range(3)])
+                coarse[i], spread[i] = copies.mean(0), copies.std(0, unbiased=False)
+            continue
         if KINDS[kind] == "lowres":
             coarse[i] = lowres(f, rint(4, max(4, s // 2)))[0]
         elif KINDS[kind] == "morph":

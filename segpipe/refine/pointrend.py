@@ -144,7 +144,7 @@ class PointRendRefiner(nn.Module):
         rois = torch.cat([torch.arange(n, device=boxes.device, dtype=boxes.dtype)[:, None], frames], 1)
         gt_frames = roi_align(masks[:, None].to(feats.dtype), rois, s, 1.0, 2, True)[:, 0]
         gen = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, (1,))))
-        coarse, dis = degrade(gt_frames.cpu(), gen)
+        coarse, dis = degrade(gt_frames.cpu(), gen, p.mild)
         coarse, dis = coarse.to(feats.device), dis.to(feats.device)
         # The paper's point sampling: uncertain candidates by the coarse map, plus uniform ones.
         n_pts = p.train_points

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import math
 import platform
 import shlex
@@ -32,6 +34,19 @@ def lr_at(it: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+class CheckpointMismatchError(ValueError):
+    """The work dir's checkpoint was trained under another recipe than the one asked for."""
+
+
+def _recipe(cfg, params) -> str:
+    """What fixes a checkpoint's weights (the data, the optimiser, the resolved architecture), as
+    JSON: a checkpoint resumes only under the same recipe. The iteration count may grow."""
+    keep = {"method", "domain", "data", "crop", "batch_size", "lr", "weight_decay", "warmup", "seed", "train_n",
+            "train_seed"}
+    return json.dumps({**cfg.model_dump(mode="json", include=keep), "params": params.model_dump(mode="json")},
+                      sort_keys=True)
+
+
 def train(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Path:
     """Train, validate, write weights + card; resumes from ``work_dir/<name>/ckpt.pt``. Returns the card path."""
     torch.manual_seed(cfg.seed)
@@ -53,8 +68,14 @@ def train(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Pat
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt = run_dir / "ckpt.pt"
     it, elapsed = 0, 0.0
+    recipe = _recipe(cfg, params)
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=True)
+        if "recipe" in state and state["recipe"] != recipe:
+            now, then = json.loads(recipe), json.loads(state["recipe"])
+            diff = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
+            raise CheckpointMismatchError(f"{ckpt} was trained with other {', '.join(diff)} than asked now: resuming it would "
+                             "write a card whose weights do not match its recipe; use another --work-dir or --name")
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         it, elapsed = int(state["iteration"]), float(state["elapsed"])
@@ -94,7 +115,8 @@ def train(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Pat
                 parts = " ".join(f"{k.replace('loss_', '')}={float(v.detach()):.3f}" for k, v in losses.items())
                 log(f"it {it}/{cfg.iterations} loss={run_loss:.3f} ({parts}) lr={lr_at(it, cfg):.2e} {el:.0f}s eta {eta:.0f}s")
             if it % cfg.checkpoint_every == 0:
-                torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "iteration": it, "elapsed": time.time() - t0}, ckpt)
+                torch.save({"model": net.state_dict(), "opt": opt.state_dict(), "iteration": it, "elapsed": time.time() - t0,
+                            "recipe": recipe}, ckpt)
         epoch += 1
     wall = time.time() - t0
     log(f"training done: {it} iterations in {wall:.0f}s")
