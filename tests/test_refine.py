@@ -50,6 +50,20 @@ def test_degrade_gives_coarse_maps_and_disagreement_of_the_fused_kind():
     assert float(spread.flatten(1).amax(1).max()) > 0  # some fused copies disagree
 
 
+def test_mild_degradations_stay_within_one_cell_of_the_frame():
+    frames = torch.zeros((64, 28, 28))
+    frames[:, 6:22, 8:20] = 1.0
+    coarse, spread = dg.degrade(frames, torch.Generator().manual_seed(1), mild=1.0)
+    assert float(coarse.min()) >= 0 and float(coarse.max()) <= 1 and float(spread.max()) <= 0.5
+    # Every pixel more than one cell inside or outside the object keeps its value.
+    assert torch.all(coarse[:, 7:21, 9:19] >= 0.5) and torch.all(coarse[:, :5] == 0) and torch.all(coarse[:, :, :7] == 0)
+    exact = (coarse == frames).flatten(1).all(1)
+    assert 0 < int(exact.sum()) < 64  # some "cells" copies, the rest nudged, half-morphed or fused
+    assert float(spread.flatten(1).amax(1).max()) > 0
+    plain, _ = dg.degrade(frames, torch.Generator().manual_seed(1), mild=0.0)
+    assert not torch.equal(plain, coarse)
+
+
 def test_frame_geometry():
     boxes = torch.tensor([[10.0, 20.0, 30.0, 60.0]])
     assert grow(boxes, 0.1).tolist() == [[8.0, 16.0, 32.0, 64.0]]
