@@ -56,8 +56,12 @@ def test_bench_pipeline_compares_the_loop_with_one_and_two_actors(ray_local, sha
 
 
 def test_bench_memory_samples_the_whole_process_tree(tmp_path):
-    res = memory.run([6, 12], model="spatialemb-shapes", size=64, data=tmp_path / "imgs", interval_s=0.2, log=lambda m: None)
-    a, b = res["runs"]
+    out = tmp_path / "memory.json"
+    r = CliRunner().invoke(app, ["bench", "memory", "--count", "12", "--count", "6", "--size", "64", "--interval", "0.2",
+                                 "--data", str(tmp_path / "imgs"), "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    res = json.loads(out.read_text())
+    a, b = res["runs"]  # in increasing count
     assert (a["images"], b["images"]) == (6, 12)
     for r in (a, b):
         # The driver, Ray's GCS and raylet, and at least the read and model workers.

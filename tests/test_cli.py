@@ -23,7 +23,7 @@ def test_help_lists_every_noun():
     r = invoke("--help")
     assert r.exit_code == 0
     for noun in ("run", "demo", "eval", "ensemble", "data", "models", "train", "audit", "submit", "status", "logs",
-                 "stop", "jobs", "schedule", "ledger"):
+                 "stop", "jobs", "schedule", "ledger", "bench", "report", "viz"):
         assert noun in r.output
 
 
