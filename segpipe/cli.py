@@ -226,14 +226,11 @@ def demo_cmd(
 ) -> None:
     """Generate synthetic shapes, label them on a local Ray with two bundled models fused and refined
     (workflows/demo.yaml), score the result."""
-    from segpipe.data.synthetic import SynthSpec, write_dataset
+    from segpipe.data.synthetic import SynthSpec, ensure_dataset
     from segpipe.pipeline.run import new_run_id
 
     data = out / "data"
-    ann = data / "annotations.json"
-    if not ann.is_file() or json.loads(ann.read_text())["info"]["spec"] != SynthSpec(n=n, seed=seed).model_dump(mode="json"):
-        typer.echo(f"generating {n} synthetic shapes images (seed {seed}) in {data}")
-        write_dataset(SynthSpec(n=n, seed=seed), data)
+    ann = ensure_dataset(SynthSpec(n=n, seed=seed), data, log=typer.echo)
     run_id = new_run_id()
     overrides = [f"source.uri={data / 'images'}", f"output.uri={out / 'runs' / run_id}", f"eval.gt={ann}"]
     cfg = _load_workflow_or_exit(DEMO_WORKFLOW, overrides)
@@ -484,8 +481,7 @@ def bench_pipeline(
 
     if not data.is_dir():
         _fail(f"--data {data}: not a folder")
-    cfg_check = _load_workflow_or_exit(workflow, [*(set_ or []), f"source.uri={data}"])
-    del cfg_check  # validated here, so a bad --set fails before any work
+    _load_workflow_or_exit(workflow, [*(set_ or []), f"source.uri={data}"])  # a bad --set fails before any work
     res = pipeline.run(workflow, data, n=n, actors=actors, cpus=cpus, overrides=set_ or [], log=typer.echo)
     typer.echo(pipeline.table(res))
     if out:

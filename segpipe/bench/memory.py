@@ -84,13 +84,10 @@ def flatness_workflow(model: str, batch_size: int = 16) -> dict:
 def prepare(data: Path, n: int, size: int, seed: int = 31337) -> Path:
     """``n`` synthetic shapes images of ``size``² (1 to 4 objects) in ``data`` (made once)."""
     from segpipe.config import SynthSpec
-    from segpipe.data.synthetic import write_dataset
+    from segpipe.data.synthetic import ensure_dataset
 
-    spec = SynthSpec(n=n, seed=seed, height=size, width=size, min_objects=1, max_objects=4, min_size=10,
-                     max_size=size / 2.5)
-    ann = data / "annotations.json"
-    if not ann.is_file() or json.loads(ann.read_text())["info"]["spec"] != spec.model_dump(mode="json"):
-        write_dataset(spec, data)
+    ensure_dataset(SynthSpec(n=n, seed=seed, height=size, width=size, min_objects=1, max_objects=4, min_size=10,
+                             max_size=size / 2.5), data)
     return data / "images"
 
 

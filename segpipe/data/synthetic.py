@@ -63,6 +63,17 @@ def render_scene(spec: SynthSpec, index: int) -> Scene:
     return Scene(image=image, masks=masks, labels=np.asarray([labels[i] for i in kept], np.int64))
 
 
+def ensure_dataset(spec: SynthSpec, out_dir: str | Path, log=None) -> Path:
+    """``write_dataset`` unless ``out_dir`` already holds the dataset of this very spec (its
+    annotations record the spec). Returns the annotations json path."""
+    ann = Path(out_dir) / "annotations.json"
+    if ann.is_file() and json.loads(ann.read_text())["info"]["spec"] == spec.model_dump(mode="json"):
+        return ann
+    if log is not None:
+        log(f"generating {spec.n} synthetic shapes images (seed {spec.seed}) in {out_dir}")
+    return write_dataset(spec, out_dir)
+
+
 def write_dataset(spec: SynthSpec, out_dir: str | Path) -> Path:
     """Write ``out_dir/images/*.jpg`` and ``out_dir/annotations.json`` (COCO, RLE). Returns the json path."""
     out = Path(out_dir)

@@ -71,21 +71,18 @@ class ModelAdapter(NetworkHolder, ABC):
         wall ms to ``timings['preprocess' | 'forward' | 'postprocess']`` (on a GPU, ``forward``
         waits for the device, so it is the network's own time) and the CPU ms this process spent
         in the forward, all its threads together, to ``timings['forward_cpu']``."""
-        if timings is None:
-            batch = self.preprocess(images)
-            with torch.inference_mode():
-                raw = self.forward(batch)
-            return self.postprocess(raw, batch)
         t0 = time.perf_counter()
         batch = self.preprocess(images)
         t1, c1 = time.perf_counter(), time.process_time()
         with torch.inference_mode():
             raw = self.forward(batch)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+        if timings is not None and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # only when timed: a sync stalls the stream
         t2, c2 = time.perf_counter(), time.process_time()
         out = self.postprocess(raw, batch)
         t3 = time.perf_counter()
+        if timings is None:
+            return out
         for k, v in (("preprocess", t1 - t0), ("forward", t2 - t1), ("postprocess", t3 - t2), ("forward_cpu", c2 - c1)):
             timings[k] = timings.get(k, 0.0) + v * 1000
         return out

@@ -56,9 +56,7 @@ class Ticker:
         self._last = now
         el = now - self._t0
         rate = self.done / el if el > 0 else 0.0
-        left = self.total - self.done
-        eta = "done" if left <= 0 else (f"ETA {_eta(left / rate)}" if rate > 0 else "ETA ?")
-        self.emit(f"{self.label} {self.done}/{self.total} {rate:.1f}/s {eta} [{_eta(el)}]")
+        self.emit(f"{self.label} {self.done}/{self.total} {rate:.1f}/s {_eta_label(self.total - self.done, rate)} [{_eta(el)}]")
 
 
 def _eta(seconds: float) -> str:
@@ -66,6 +64,11 @@ def _eta(seconds: float) -> str:
         return "?"
     s = int(round(seconds))
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else (f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s")
+
+
+def _eta_label(left: int, rate: float) -> str:
+    """'done', 'ETA <time>' for ``left`` items at ``rate`` per second, or 'ETA ?' without a rate."""
+    return "done" if left <= 0 else (f"ETA {_eta(left / rate)}" if rate > 0 else "ETA ?")
 
 
 def progress_line(snapshot: dict[str, dict], order: list[str], total: int, committed: int, elapsed_s: float,
@@ -81,9 +84,7 @@ def progress_line(snapshot: dict[str, dict], order: list[str], total: int, commi
             continue
         span = now - s["first"]
         rate = (s["images"] - s["first_images"]) / span if span > 0 else 0.0
-        left = max(total - s["images"], 0)
-        eta = "done" if left == 0 else (f"ETA {_eta(left / rate)}" if rate > 0 else "ETA ?")
-        parts.append(f"{name} {s['images']}/{total} {rate:.1f}/s {eta}")
+        parts.append(f"{name} {s['images']}/{total} {rate:.1f}/s {_eta_label(total - s['images'], rate)}")
     return f"[{_eta(elapsed_s)}] " + " | ".join(parts) + f" | committed {committed}/{total}"
 
 
@@ -113,8 +114,10 @@ class Reporter:
                 snap = self.snapshot()
             except Exception:  # noqa: BLE001 - progress must never fail a run
                 continue
-            self.emit(progress_line(snap, self.order, self.total, self.committed(), time.perf_counter() - self._t0,
-                                    time.time()))
+            self._emit_line(snap)
+
+    def _emit_line(self, snap: dict[str, dict]) -> None:
+        self.emit(progress_line(snap, self.order, self.total, self.committed(), time.perf_counter() - self._t0, time.time()))
 
     def stop(self) -> dict[str, dict]:
         """Stop printing, print the final line; return the meter's last snapshot ({} when it
@@ -125,7 +128,7 @@ class Reporter:
             snap = self.snapshot()
         except Exception:  # noqa: BLE001
             return {}
-        self.emit(progress_line(snap, self.order, self.total, self.committed(), time.perf_counter() - self._t0, time.time()))
+        self._emit_line(snap)
         return snap
 
 
@@ -153,10 +156,11 @@ def stage_table(stage_ms: dict[str, float], forward_ms: dict[str, float], models
         if name not in stage_ms:
             continue
         kind = kinds.get(name, "task")
-        n = 1 if kind == "driver" else workers.get(name) or workers.get("read" if name == "decode" else name)
+        pool = "read" if name == "decode" else name  # decoding runs in the read tasks
+        n = 1 if kind == "driver" else workers.get(name) or workers.get(pool)
         busy = float(stage_ms[name])
         util = busy / (wall_ms * n) if n and wall_ms > 0 else None
-        seen = (active or {}).get("read" if name == "decode" else name)
+        seen = (active or {}).get(pool)
         rows.append({"name": name, "kind": kind, "workers": n, "active_workers": 1 if kind == "driver" else seen,
                      "images": images, "busy_ms": round(busy, 1),
                      "ms_per_image": round(busy / images, 2) if images else None,

@@ -198,10 +198,11 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
         lineage.start()
     started_ray = _init_ray(cfg)
     try:
-        has_gpu = ray.cluster_resources().get("GPU", 0) > 0
-        cluster_cpus = float(ray.cluster_resources().get("CPU", 0)) or None
+        resources = ray.cluster_resources()
+        has_gpu = resources.get("GPU", 0) > 0
+        cluster_cpus = float(resources.get("CPU", 0)) or None
         if cfg.pipeline.ray_address is None:
-            _check_cpus(cfg, float(ray.cluster_resources().get("CPU", 0)))
+            _check_cpus(cfg, cluster_cpus or 0.0)
         device_kind = "cuda" if has_gpu else "cpu"
         stats = StreamStats()
         stage_ms = stats.stage_ms
