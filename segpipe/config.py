@@ -521,6 +521,13 @@ class PointRendParams(Strict):
     feature_stride: Literal[1, 2] = Field(1, description="1: features at every pixel (a full-resolution branch); 2: at "
                                           "stride 2 (no full-resolution convolutions: about 3x cheaper, the PointRend "
                                           "paper's fine features are at stride 4)")
+    fine: Literal["unet", "patch"] = Field("unet", description="the fine features: ``unet``, a small U-Net over the "
+                                             "whole image; ``patch``, the image itself read in a ``patch`` x ``patch`` "
+                                             "pixel window around each point (no per-image network: the cost follows the "
+                                             "points, not the image size)")
+    patch: int = Field(7, ge=1, description="with fine=patch: the window side in pixels (odd)")
+    coarse_patch: bool = Field(False, description="with fine=patch: also read the coarse map in the same window, so the "
+                               "head sees which side of an edge the instance lies on, not only the logit at the point")
     hidden: int = Field(64, ge=1, description="point head width")
     use_disagreement: bool = Field(True, description="feed the members' disagreement (std of their masks) per point")
     margin: float = Field(0.1, ge=0, le=1, description="the frame: the instance box grown by this fraction per side")
@@ -531,6 +538,8 @@ class PointRendParams(Strict):
     oversample: float = Field(3.0, ge=1, description="training: candidate points per kept point")
     importance: float = Field(0.75, ge=0, le=1, description="training: share of points taken by uncertainty")
     max_train_instances: int = Field(32, ge=1, description="training: instances per image at most")
+    boundary: float = Field(0.0, ge=0, le=1, description="training: share of points taken within one pixel of the true "
+                            "boundary (where a one-pixel error decides mask and Boundary IoU); the rest as ``importance``")
     mild: float = Field(0.0, ge=0, le=1, description="training: share of instances given sub-cell errors (those of a "
                         "good model or an ensemble seen through its soft mask) instead of coarse degradations")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -125,6 +126,13 @@ def test_train_refuses_to_resume_a_checkpoint_of_another_recipe(tmp_path):
     lines: list[str] = []
     train(cfg("c", 2, 37), log=lines.append)  # the same recipe, more iterations: resumes
     assert any("resumed from" in ln and "iteration 1" in ln for ln in lines), lines
+    # A checkpoint from before recipes were recorded cannot be shown to match --param overrides.
+    ckpt = tmp_path / "work" / "maskrcnn-ckpt" / "ckpt.pt"
+    state = torch.load(ckpt, weights_only=True)
+    del state["recipe"]
+    torch.save(state, ckpt)
+    with pytest.raises(CheckpointMismatchError, match="records no recipe.*box_detections_per_img"):
+        train(cfg("d", 3, 37), log=lambda m: None)
 
 
 @pytest.mark.parametrize("param, why", [("box_detections_per_img=0", "box_detections_per_img"), ("nosuch=1", "nosuch"),

@@ -141,7 +141,10 @@ def test_stride_2_features_are_read_at_the_right_pixel():
     assert out[0].tolist() == pytest.approx([1.0, 0.0])
 
 
-@pytest.mark.parametrize("extra", [{}, {"use_disagreement": False}, {"feature_stride": 2}])
+PATCH = {"fine": "patch", "patch": 5, "coarse_patch": True}
+
+
+@pytest.mark.parametrize("extra", [{}, {"use_disagreement": False}, {"feature_stride": 2}, PATCH | {"boundary": 0.5}])
 def test_tiny_refiner_trains(extra):
     torch.manual_seed(0)
     net = PointRendRefiner(PointRendParams.model_validate(TINY | extra)).train()
@@ -215,3 +218,57 @@ def test_coarse_in_frames_reproduces_a_mask_from_its_soft_mask_and_from_its_rle(
                          masks=mask_ops.encode(m), mask_probs=p)
         got = coarse_in_frames(inst, frame, 28)[0]
         assert np.abs((got >= 0.5) != (want >= 0.5)).mean() < 0.02
+
+
+def test_patch_head_reads_the_pixel_window_and_the_coarse_window():
+    """fine=patch: a point reads the normalised image in the 5 x 5 pixel window around it
+    (edge pixels repeat past the image border) and, with coarse_patch, the coarse map's logits
+    at the same 25 places, in the frame."""
+    import segpipe.refine.pointrend as pr
+
+    net = PointRendRefiner(PointRendParams.model_validate(TINY | PATCH)).eval()
+    img = torch.rand(3, 40, 50)
+    feats = net.image_features([img])[0]
+    np.testing.assert_allclose(feats.numpy(), ((img - 0.5) / 0.25).numpy(), atol=1e-6)  # no network, no padding
+    frames = torch.tensor([[0.0, 0.0, 50.0, 40.0]])  # the frame is the image: one coarse cell per pixel
+    coarse = torch.rand(1, 40, 50) * 0.9 + 0.05
+    seen = {}
+    orig = torch.addmm
+
+    def spy(bias, x, w):  # the first layer's product: the point's input row
+        seen.setdefault("x", x)
+        return orig(bias, x, w)
+
+    xy = torch.tensor([[[10.5, 20.5], [0.5, 0.5]]])  # pixel centres: (10, 20) and the top-left corner
+    pr.torch.addmm = spy
+    try:
+        with torch.no_grad():
+            net.point_logits(feats, xy, torch.zeros(1, 2), None, coarse=coarse, frames=frames)
+    finally:
+        pr.torch.addmm = orig
+    x = seen["x"]
+    assert x.shape == (2, 4 * 25)  # 3 colours + the coarse logit per window pixel (the point's logit goes in beside)
+    np.testing.assert_allclose(x[0, :75].numpy(), feats[:, 18:23, 8:13].reshape(-1).numpy(), atol=1e-5)
+    corner = feats[:, [0, 0, 0, 1, 2]][:, :, [0, 0, 0, 1, 2]]
+    np.testing.assert_allclose(x[1, :75].numpy(), corner.reshape(-1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(x[0, 75:100].numpy(), (torch.logit(coarse[0, 18:23, 8:13]) / 4).reshape(-1).numpy(), atol=1e-4)
+    with pytest.raises(ValueError, match="coarse_patch needs fine=patch"):
+        PointRendRefiner(PointRendParams.model_validate(TINY | {"coarse_patch": True}))
+
+
+def test_boundary_points_lie_within_a_pixel_of_the_true_boundary():
+    from segpipe.refine.pointrend import boundary_points, near_boundary, sample_masks
+
+    masks = torch.zeros(2, 60, 60)
+    masks[0, 10:40, 20:50] = 1  # a 30 x 30 square
+    masks[1, 30:34, 5:9] = 1  # a 4 x 4 one: every pixel is within one of its boundary
+    frames = torch.tensor([[17.0, 7.0, 53.0, 43.0], [4.0, 29.0, 10.0, 35.0]])
+    torch.manual_seed(0)
+    xy = boundary_points(masks, frames, 50, 800)
+    assert xy.shape == (2, 50, 2)
+    x, y = xy[0, :, 0], xy[0, :, 1]
+    to_edge = torch.minimum(torch.minimum((x - 20).abs(), (x - 50).abs()), torch.minimum((y - 10).abs(), (y - 40).abs()))
+    assert float(to_edge.max()) <= 2.0  # the pixel holding it or a neighbour lies across the edge
+    assert bool(near_boundary(lambda p: sample_masks(masks, p), xy).all())
+    inside = torch.tensor([[[35.5, 25.5]]]).expand(2, 1, 2)
+    assert not bool(near_boundary(lambda p: sample_masks(masks[:1], p), inside[:1]).any())

@@ -76,6 +76,9 @@ def train(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Pat
             diff = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
             raise CheckpointMismatchError(f"{ckpt} was trained with other {', '.join(diff)} than asked now: resuming it would "
                              "write a card whose weights do not match its recipe; use another --work-dir or --name")
+        if "recipe" not in state and cfg.params:
+            raise CheckpointMismatchError(f"{ckpt} records no recipe (it predates recipes), so it cannot be shown to match "
+                                          f"--param {', '.join(sorted(cfg.params))}; use another --work-dir or --name")
         net.load_state_dict(state["model"])
         opt.load_state_dict(state["opt"])
         it, elapsed = int(state["iteration"]), float(state["elapsed"])
