@@ -543,6 +543,14 @@ class PointRendParams(Strict):
     mild: float = Field(0.0, ge=0, le=1, description="training: share of instances given sub-cell errors (those of a "
                         "good model or an ensemble seen through its soft mask) instead of coarse degradations")
 
+    @model_validator(mode="after")
+    def _window(self) -> "PointRendParams":
+        if self.fine == "patch" and self.patch % 2 == 0:
+            raise ValueError(f"patch must be odd (a window centred on the point), got {self.patch}")
+        if self.coarse_patch and self.fine != "patch":
+            raise ValueError("coarse_patch needs fine=patch")
+        return self
+
 
 # --- helpers ------------------------------------------------------------------------------
 

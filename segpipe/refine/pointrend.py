@@ -42,6 +42,19 @@ def frame_to_image(uv: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
     return lo + uv * size
 
 
+def image_to_frame(xy: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``frame_to_image``: image pixels [N, ..., 2] -> frame units (u, v) of xyxy
+    ``frames`` [N, 4]."""
+    shape = (frames.shape[0],) + (1,) * (xy.dim() - 2) + (2,)
+    return (xy - frames[:, :2].reshape(shape)) / (frames[:, 2:] - frames[:, :2]).reshape(shape)
+
+
+def image_grid(xy: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Image pixels [..., 2] (x, y) -> grid_sample coordinates [..., 2] of a ``height`` x ``width``
+    map (align_corners=False: -1 and 1 are the outer pixel edges)."""
+    return torch.stack([xy[..., 0] / width * 2 - 1, xy[..., 1] / height * 2 - 1], -1)
+
+
 def sample_maps(maps: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
     """Bilinear values of frame maps [N, S, S] at frame points [N, P, 2] (u, v in [0, 1]) -> [N, P]."""
     grid = (uv * 2 - 1)[:, :, None, :]  # [N, P, 1, 2]
@@ -51,8 +64,7 @@ def sample_maps(maps: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
 def sample_masks(masks: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
     """Full-image masks [N, H, W] read at points in image pixels [N, P, 2] (x, y; the pixel
     holding the point, 0 outside the image) -> [N, P]."""
-    h, w = masks.shape[-2:]
-    grid = torch.stack([xy[..., 0] / w * 2 - 1, xy[..., 1] / h * 2 - 1], -1)[:, :, None, :]
+    grid = image_grid(xy, *masks.shape[-2:])[:, :, None, :]
     return F.grid_sample(masks[:, None], grid, mode="nearest", padding_mode="zeros", align_corners=False)[:, 0, :, 0]
 
 
@@ -90,11 +102,7 @@ class PointRendRefiner(nn.Module):
     def __init__(self, params: PointRendParams) -> None:
         super().__init__()
         self.params = params
-        if params.coarse_patch and params.fine != "patch":
-            raise ValueError("coarse_patch needs fine=patch")
-        if params.fine == "patch":
-            if params.patch % 2 == 0:
-                raise ValueError(f"patch must be odd, got {params.patch}")
+        if params.fine == "patch":  # the params validate the window (odd side; coarse_patch only with it)
             self.features, self.stride = None, 1
             fine = (3 + (1 if params.coarse_patch else 0)) * params.patch**2
             r = params.patch // 2
@@ -126,7 +134,7 @@ class PointRendRefiner(nn.Module):
         over ``frames`` (xyxy [N, 4]) -> refined logits [N, P]."""
         n, p = xy.shape[:2]
         h, w = feats.shape[-2] * self.stride, feats.shape[-1] * self.stride  # the padded image the features cover
-        grid = torch.stack([xy[..., 0] / w * 2 - 1, xy[..., 1] / h * 2 - 1], -1).reshape(1, n * p, 1, 2)
+        grid = image_grid(xy, h, w).reshape(1, n * p, 1, 2)
         if self.features is None:  # a patch x patch pixel window around each point, channels-major
             k = self.offsets.shape[0]
             scale = self.offsets.new_tensor([2.0 / w, 2.0 / h])
@@ -134,8 +142,7 @@ class PointRendRefiner(nn.Module):
             f = F.grid_sample(feats[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
             x = f[0].permute(1, 0, 2).reshape(n * p, -1)  # [N * P, 3 * K]
             if self.params.coarse_patch:  # the coarse map in the same window, as logits
-                win = xy[:, :, None, :] + self.offsets[None, None]  # [N, P, K, 2] image pixels
-                uv = (win - frames[:, None, None, :2]) / (frames[:, 2:] - frames[:, :2])[:, None, None, :]
+                uv = image_to_frame(xy[:, :, None, :] + self.offsets[None, None], frames)  # [N, P, K, 2]
                 c = sample_maps(coarse, uv.reshape(n, p * k, 2)).reshape(n * p, k)
                 x = torch.cat([x, torch.logit(c.clamp(EPS, 1 - EPS)) / 4.0], 1)
         else:
@@ -210,7 +217,6 @@ class PointRendRefiner(nn.Module):
         # The paper's point sampling: uncertain candidates by the coarse map, plus uniform ones;
         # with ``boundary``, a share first from candidates within a pixel of the true boundary.
         n_pts = p.train_points
-        h, w = masks.shape[-2:]
         fmasks = masks.to(feats.dtype)
         k_bnd = int(round(p.boundary * n_pts))
         parts = [boundary_points(fmasks, frames, k_bnd, int(p.oversample * 4 * k_bnd))] if k_bnd else []
@@ -224,7 +230,7 @@ class PointRendRefiner(nn.Module):
         xy = frame_to_image(uv, frames)
         if parts:
             xy = torch.cat(parts + [xy], 1)
-            uv = (xy - frames[:, None, :2]) / (frames[:, 2:] - frames[:, :2])[:, None, :]
+            uv = image_to_frame(xy, frames)
         target = sample_masks(fmasks, xy)
         extra = {"coarse": coarse, "frames": frames} if p.coarse_patch else {}
         logits = self.point_logits(feats, xy, torch.logit(sample_maps(coarse, uv).clamp(EPS, 1 - EPS)),
