@@ -173,9 +173,10 @@ def _print_summary(result, out_uri: str) -> None:
     if result.stage_ms:
         from segpipe.pipeline.run import post_model_overhead
 
-        over = post_model_overhead(result.stage_ms)
+        over, cpu = post_model_overhead(result.stage_ms), post_model_overhead(result.stage_cpu_ms)
         if over is not None:
-            typer.echo(f"  ensemble + refine: {over[0]:.0f} ms = {100 * over[1]:.1f}% of the models' {over[2]:.0f} ms")
+            typer.echo(f"  ensemble + refine: {over[0]:.0f} ms = {100 * over[1]:.1f}% of the models' {over[2]:.0f} ms (wall)"
+                       + (f"; CPU {cpu[0]:.0f} ms = {100 * cpu[1]:.1f}% of the models' {cpu[2]:.0f} ms" if cpu else ""))
     if result.eval:
         from segpipe.evaluation import format_table
 

@@ -542,6 +542,13 @@ class PointRendParams(Strict):
                             "boundary (where a one-pixel error decides mask and Boundary IoU); the rest as ``importance``")
     mild: float = Field(0.0, ge=0, le=1, description="training: share of instances given sub-cell errors (those of a "
                         "good model or an ensemble seen through its soft mask) instead of coarse degradations")
+    certain: float | None = Field(None, gt=0, description="inference: a chosen point whose logit magnitude is at least "
+                                  "this is left as it is (|logit| 2 is p < 0.12 or > 0.88); None re-predicts every chosen point")
+    render: Literal["grid", "pixels"] = Field("grid", description="inference: ``grid``, subdivide up to about one cell "
+                                              "per pixel (at least one step) and resample the map onto the pixels; "
+                                              "``pixels``, subdivide while the grid is coarser than the pixels, then "
+                                              "re-predict the ``points`` most uncertain pixels on the image's own grid "
+                                              "(no sub-pixel cells, no resampling of predictions)")
 
     @model_validator(mode="after")
     def _window(self) -> "PointRendParams":

@@ -305,6 +305,10 @@ def test_ensemble_then_refine_stage_marks_rows_and_provenance(ray_local, tiny_ca
     post, frac, model_ms = post_model_overhead(manifest["timings_ms"])
     t = manifest["timings_ms"]
     assert post == pytest.approx(t["ensemble"] + t["refine"], abs=0.2) and model_ms > 0 and frac == pytest.approx(post / model_ms)
+    # Process CPU per stage beside the wall times: the models, the fusion and the refiner each did work.
+    cpu = manifest["cpu_ms"]
+    assert set(cpu) == set(t) - {"read", "decode", "write"} and all(v > 0 for v in cpu.values())
+    assert result.stage_cpu_ms == pytest.approx(cpu, abs=0.1)
     inst = read_committed(str(out), "instances").to_pylist()
     assert inst and all(r["refined_by"] == version and version in r["model_versions"] for r in inst)
     assert all(r["source"] == "ensemble" and r["area"] > 0 for r in inst)

@@ -8,11 +8,13 @@ import torch
 
 from segpipe.config import PointRendParams
 from segpipe.refine import degrade as dg
+import segpipe.refine.pointrend as pr
 from segpipe.refine.pointrend import PointRendRefiner, cell_centres, frame_to_image, grow, sample_maps
 
 from conftest import TINY_POINTREND_PARAMS, assert_training_reduces_loss, check_loss_backward
 
 TINY = TINY_POINTREND_PARAMS | {"output_size": 112, "points": 256}
+PATCH = {"fine": "patch", "patch": 5, "coarse_patch": True}
 
 
 def test_morph_shift_and_lowres():
@@ -75,10 +77,15 @@ def test_frame_geometry():
 
 
 class _OracleHead(PointRendRefiner):
-    """The point head replaced by the truth: a disc of radius 30 px about (50, 40) in the image."""
+    """The point head replaced by the truth: a disc of radius 30 px about (50, 40) in the image
+    (its inputs are the points themselves)."""
 
-    def point_logits(self, feats, xy, coarse_logit, disagreement):
-        inside = ((xy[..., 0] - 50.0) ** 2 + (xy[..., 1] - 40.0) ** 2) <= 30.0**2
+    def point_inputs(self, feats, xy, coarse=None, frames=None, inst=None):
+        return [xy]
+
+    def head(self, parts, coarse_logit, disagreement):
+        xy = parts[0]
+        inside = ((xy[:, 0] - 50.0) ** 2 + (xy[:, 1] - 40.0) ** 2) <= 30.0**2
         return torch.where(inside, 10.0, -10.0)
 
 
@@ -141,9 +148,6 @@ def test_stride_2_features_are_read_at_the_right_pixel():
     assert out[0].tolist() == pytest.approx([1.0, 0.0])
 
 
-PATCH = {"fine": "patch", "patch": 5, "coarse_patch": True}
-
-
 @pytest.mark.parametrize("extra", [{}, {"use_disagreement": False}, {"feature_stride": 2}, PATCH | {"boundary": 0.5}])
 def test_tiny_refiner_trains(extra):
     torch.manual_seed(0)
@@ -163,7 +167,8 @@ def test_tiny_refiner_trains(extra):
     assert_training_reduces_loss(Fixed(PointRendParams.model_validate(TINY | extra)).train(), images, targets, steps=40)
 
 
-def test_refiner_on_instances_keeps_rows_and_fits_the_contract(tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"render": "pixels"}, PATCH | {"render": "pixels", "certain": 2.0}])
+def test_refiner_on_instances_keeps_rows_and_fits_the_contract(tmp_path, extra):
     """Untrained weights through the zoo: every instance comes back (same scores and labels,
     in order) with a non-empty mask inside the image, a tight box and a soft mask."""
     import yaml
@@ -172,7 +177,7 @@ def test_refiner_on_instances_keeps_rows_and_fits_the_contract(tmp_path):
     from segpipe.ops import masks as mask_ops
     from segpipe.structures import Instances
 
-    p = PointRendParams.model_validate(TINY | {"output_size": 56, "points": 64})
+    p = PointRendParams.model_validate(TINY | {"output_size": 56, "points": 64} | extra)
     torch.manual_seed(0)
     digest = save_weights(PointRendRefiner(p), tmp_path / "weights.safetensors")
     card = {"name": "tiny-pointrend", "family": "refinement", "paper": "test fixture", "builder": "pointrend",
@@ -198,8 +203,9 @@ def test_refiner_on_instances_keeps_rows_and_fits_the_contract(tmp_path):
         xywh = mask_ops.to_bbox(out.masks)
         np.testing.assert_allclose(out.boxes, np.c_[xywh[:, :2], xywh[:, :2] + xywh[:, 2:]])
         assert out.mask_probs.shape == (3, 28, 28) and out.mask_probs.dtype == np.float16
-        # Each refined mask stays around its instance (the frame is the box grown by 10%).
-        assert np.all(mask_ops.iou(out.masks, inst.masks).diagonal() > 0)
+        # Each refined mask stays in its instance's frame (the box grown by 10%, out to whole pixels).
+        frames = grow(torch.from_numpy(boxes), p.margin).numpy()
+        assert np.all(out.boxes[:, :2] >= np.floor(frames[:, :2])) and np.all(out.boxes[:, 2:] <= np.ceil(frames[:, 2:]))
 
 
 def test_coarse_in_frames_reproduces_a_mask_from_its_soft_mask_and_from_its_rle():
@@ -232,25 +238,14 @@ def test_patch_head_reads_the_pixel_window_and_the_coarse_window():
     np.testing.assert_allclose(feats.numpy(), ((img - 0.5) / 0.25).numpy(), atol=1e-6)  # no network, no padding
     frames = torch.tensor([[0.0, 0.0, 50.0, 40.0]])  # the frame is the image: one coarse cell per pixel
     coarse = torch.rand(1, 40, 50) * 0.9 + 0.05
-    seen = {}
-    orig = torch.addmm
-
-    def spy(bias, x, w):  # the first layer's product: the point's input row
-        seen.setdefault("x", x)
-        return orig(bias, x, w)
-
-    xy = torch.tensor([[[10.5, 20.5], [0.5, 0.5]]])  # pixel centres: (10, 20) and the top-left corner
-    pr.torch.addmm = spy
-    try:
-        with torch.no_grad():
-            net.point_logits(feats, xy, torch.zeros(1, 2), None, coarse=coarse, frames=frames)
-    finally:
-        pr.torch.addmm = orig
-    x = seen["x"]
-    assert x.shape == (2, 4 * 25)  # 3 colours + the coarse logit per window pixel (the point's logit goes in beside)
-    np.testing.assert_allclose(x[0, :75].numpy(), feats[:, 18:23, 8:13].reshape(-1).numpy(), atol=1e-5)
+    xy = torch.tensor([[10.5, 20.5], [0.5, 0.5]])  # pixel centres: (10, 20) and the top-left corner
+    with torch.no_grad():
+        parts = net.point_inputs(feats, xy, coarse=coarse, frames=frames, inst=torch.zeros(2, dtype=torch.int64))
+    assert [q.shape for q in parts] == [(2, 25)] * 4  # 3 colours + the coarse logit per window pixel
+    x = torch.cat(parts, 1)
+    np.testing.assert_allclose(x[0, :75].numpy(), feats[:, 18:23, 8:13].reshape(-1).numpy(), atol=1e-4)
     corner = feats[:, [0, 0, 0, 1, 2]][:, :, [0, 0, 0, 1, 2]]
-    np.testing.assert_allclose(x[1, :75].numpy(), corner.reshape(-1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(x[1, :75].numpy(), corner.reshape(-1).numpy(), atol=1e-4)
     np.testing.assert_allclose(x[0, 75:100].numpy(), (torch.logit(coarse[0, 18:23, 8:13]) / 4).reshape(-1).numpy(), atol=1e-4)
     with pytest.raises(ValueError, match="coarse_patch needs fine=patch"):
         PointRendRefiner(PointRendParams.model_validate(TINY | {"coarse_patch": True}))
@@ -272,3 +267,76 @@ def test_boundary_points_lie_within_a_pixel_of_the_true_boundary():
     assert bool(near_boundary(lambda p: sample_masks(masks, p), xy).all())
     inside = torch.tensor([[[35.5, 25.5]]]).expand(2, 1, 2)
     assert not bool(near_boundary(lambda p: sample_masks(masks[:1], p), inside[:1]).any())
+
+
+def test_pixel_render_recovers_a_known_boundary_at_pixel_level():
+    """render=pixels: a blurred 14 x 14 coarse disc, refined on the image's own pixel grid by a
+    head that knows the truth, gives the disc pixel for pixel (pixel centres within 30 px of
+    (50, 40)); with ``certain`` tiny, no point is re-predicted and the coarse answer stays."""
+    from segpipe.ops import masks as mask_ops
+    from segpipe.refine.refiner import Refiner
+    from segpipe.structures import Instances
+
+    h, w = 80, 100
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    truth = ((xx - 50.0) ** 2 + (yy - 40.0) ** 2) <= 30.0**2
+    box = np.array([[20.0, 10.0, 80.0, 70.0]], np.float32)
+    soft = dg.lowres(torch.from_numpy(mask_ops.crop_to_box_frame(truth.astype(np.float32), box[0], 56))[None], 7)[0]
+    soft = torch.nn.functional.adaptive_avg_pool2d(soft[None], 28)[0]  # the box-frame soft mask; the refiner starts at 14
+    inst = Instances(height=h, width=w, boxes=box, scores=np.ones(1, np.float32), labels=np.ones(1, np.int64),
+                     masks=mask_ops.encode(truth[None].astype(np.uint8)), mask_probs=soft[None].numpy().astype(np.float16))
+    image = np.zeros((h, w, 3), np.uint8)
+    for certain, want_exact in ((None, True), (1e-3, False)):
+        p = PointRendParams.model_validate(TINY | {"coarse_size": 14, "points": 2000, "render": "pixels", "certain": certain})
+        out = Refiner(_OracleHead(p).eval()).refine(image, inst)
+        got = mask_ops.decode(out.masks)[0].astype(bool)
+        if want_exact:
+            assert (got == truth).all()
+        else:  # nothing re-predicted: the blurred coarse map's own boundary, off by a few pixels
+            assert 0.9 < (got & truth).sum() / (got | truth).sum() < 1.0
+
+
+def test_pixel_windows_gathered_by_index_equal_the_interpolated_ones():
+    """render_pixels reads each window by integer index (image and maps); the generic path
+    (point_logits: grid_sample windows, the coarse maps as one atlas) must give the same logits
+    for the same pixels, across instances of different sizes and frames that leave the image."""
+    torch.manual_seed(0)
+    net = PointRendRefiner(PointRendParams.model_validate(TINY | PATCH | {"points": 40})).eval()
+    img = torch.rand(3, 48, 64)
+    feats = net.image_features([img])[0]
+    frames = torch.tensor([[-4.0, 2.0, 30.0, 40.0], [40.0, 30.0, 70.0, 52.0], [10.0, 10.0, 18.0, 16.0]])
+    regions = torch.tensor([[0, 2, 30, 40], [40, 30, 64, 48], [10, 10, 18, 16]])
+    logits = torch.randn(3, 14, 14) * 3
+    dis = torch.rand(3, 14, 14)
+    with torch.no_grad():
+        got = net.render_pixels(feats, logits, frames, regions, dis)
+        base = pr.region_pixels(torch.stack([logits, dis], 1), frames, regions)
+        inside = pr.in_regions(regions, *base.shape[-2:])
+        changed = (got != base[:, 0]) & inside
+        i, y, x = changed.nonzero(as_tuple=True)
+        assert len(i) > 60  # up to 40 per instance; the small one has only 48 pixels
+        xy = torch.stack([regions[i, 0] + x, regions[i, 1] + y], -1).float() + 0.5
+        want = net.point_logits(feats, xy, base[i, 0, y, x], base[i, 1, y, x], coarse=torch.sigmoid(logits),
+                                frames=frames, inst=i)
+    np.testing.assert_allclose(got[i, y, x].numpy(), want.numpy(), atol=1e-4)
+
+
+def test_subdivision_stops_each_instance_at_its_own_size():
+    """Per-instance output sizes: an instance asking for 28 is only upsampled past 28, one asking
+    for 112 is re-predicted at 56 and 112 (a head that counts the points it is asked for)."""
+    seen = []
+
+    class Counting(PointRendRefiner):
+        def point_inputs(self, feats, xy, coarse=None, frames=None, inst=None):
+            seen.append((inst.numel(), bool((xy[:, 0] > 20).any()), bool((xy[:, 0] < 20).all())))
+            return [xy]
+
+        def head(self, parts, coarse_logit, disagreement):
+            return coarse_logit
+
+    net = Counting(PointRendParams.model_validate(TINY | {"coarse_size": 14, "points": 10})).eval()
+    frames = torch.tensor([[0.0, 0.0, 20.0, 20.0], [0.0, 0.0, 100.0, 100.0]])
+    out = net.subdivide(torch.zeros(1, 100, 100), torch.rand(2, 14, 14), frames, None, torch.tensor([28, 112]))
+    assert out.shape == (2, 112, 112)
+    # step to 28: both (10 points each); to 56 and 112: the large one only (its points reach past 20 px)
+    assert [s[0] for s in seen] == [20, 10, 10] and seen[1][1] and seen[2][1]

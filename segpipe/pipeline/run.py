@@ -42,6 +42,7 @@ class RunResult:
     images_per_s: float
     stage_ms: dict
     eval: dict | None = None
+    stage_cpu_ms: dict = field(default_factory=dict)  # process CPU ms of the models, ensemble and refine
     reason: str | None = None
     skipped_shards: list[int] = field(default_factory=list)
     stages: list[dict] = field(default_factory=list)  # progress.stage_table: per-stage account
@@ -55,6 +56,7 @@ class StreamStats:
     stage_ms: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     forward_ms: dict[str, float] = field(default_factory=lambda: defaultdict(float))
     forward_cpu_ms: dict[str, float] = field(default_factory=lambda: defaultdict(float))
+    stage_cpu_ms: dict[str, float] = field(default_factory=lambda: defaultdict(float))  # process CPU: models, ensemble, refine
     driver_wait_ms: float = 0.0  # blocked on the iterator for the next row
     first_row_s: float | None = None  # from the start of streaming to the first row
     exec_wall_s: float = 0.0  # from the start of streaming to the last row
@@ -66,7 +68,8 @@ NON_MODEL_STAGES = ("read", "decode", "ensemble", "refine", "write")
 
 def post_model_overhead(stage_ms: dict[str, float]) -> tuple[float, float, float] | None:
     """(ensemble + refine ms, that / the models' ms, the models' ms) from a run's summed stage
-    times (keys: the non-model stages and one per model); None without an ensemble or refine."""
+    times, wall (``timings_ms``) or process CPU (``cpu_ms``) (keys: the non-model stages and one
+    per model); None without an ensemble or refine."""
     post = sum(stage_ms.get(k, 0.0) for k in ("ensemble", "refine"))
     if not any(k in stage_ms for k in ("ensemble", "refine")):
         return None
@@ -260,7 +263,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
             }
     result = RunResult(
         run_id=run_id, output_uri=cfg.output.uri, status=status, counts=counts, wall_s=wall,
-        images_per_s=processed_now / wall if wall > 0 else 0.0, stage_ms=dict(stage_ms),
+        images_per_s=processed_now / wall if wall > 0 else 0.0, stage_ms=dict(stage_ms), stage_cpu_ms=dict(stats.stage_cpu_ms),
         eval=eval_stats, reason=reason, skipped_shards=sorted(committed), stages=stages, efficiency=efficiency,
     )
     manifest = {
@@ -279,6 +282,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
         "input": {"uri": cfg.source.uri, "n_files": len(files), "fingerprint": fingerprint(files), "n_shards": n_shards},
         "counts": counts,
         "timings_ms": {k: round(v, 1) for k, v in stage_ms.items()},
+        "cpu_ms": {k: round(v, 1) for k, v in stats.stage_cpu_ms.items()},
         "stages": stages,
         "efficiency": efficiency,
         "images_per_s": round(result.images_per_s, 3),
@@ -526,10 +530,13 @@ def _consume(cfg, ds, writer, run_id, models, primary, refiner, expected, stats:
             stage_ms[m.card.name] += float(row[f"ms:{m.card.name}"])
             forward_ms[m.card.name] += float(row[f"fwd:{m.card.name}"])
             stats.forward_cpu_ms[m.card.name] += float(row[f"cpu:{m.card.name}"])
+            stats.stage_cpu_ms[m.card.name] += float(row[f"cpu_ms:{m.card.name}"])
         if cfg.ensemble is not None:
             stage_ms["ensemble"] += float(row["ms:ensemble"])
+            stats.stage_cpu_ms["ensemble"] += float(row["cpu_ms:ensemble"])
         if refiner is not None:
             stage_ms["refine"] += float(row["ms:refine"])
+            stats.stage_cpu_ms["refine"] += float(row["cpu_ms:refine"])
         if ok:
             for m in models:
                 cached = bool(row.get(f"cached:{m.card.name}", False))  # an earlier run's: in its predictions/

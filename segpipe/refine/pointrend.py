@@ -9,7 +9,11 @@ members' disagreement) appended to every layer's input.
 
 Inference (``subdivide``): start from the coarse probabilities in the frame at ``coarse_size``;
 each step doubles the resolution bilinearly and re-predicts the ``points`` cells whose logit is
-closest to 0 (the most uncertain); stop at ``output_size``.
+closest to 0 (the most uncertain); each instance stops at its own size (at most ``output_size``).
+With ``render: pixels`` the grid steps stop while the grid is still coarser than the frame's
+pixels, and a last step (``render_pixels``) re-predicts the most uncertain *pixels* of the
+image's own grid, so no prediction is resampled. Points whose logit is already ``certain`` are
+skipped; the chosen points of all instances go through the head as one flat list.
 
 Training (``forward`` with targets): ground-truth masks are sampled into jittered frames,
 degraded into coarse masks (``degrade``), and the head learns the true mask at ``train_points``
@@ -90,6 +94,29 @@ def boundary_points(masks: torch.Tensor, frames: torch.Tensor, k: int, candidate
     return cand.gather(1, pick[..., None].expand(-1, -1, 2))
 
 
+def region_pixels(maps: torch.Tensor, frames: torch.Tensor, regions: torch.Tensor, pad: int = 0) -> torch.Tensor:
+    """Frame maps [N, C, R, R] over xyxy ``frames`` [N, 4] read bilinearly (border value past the
+    frame) at the pixel centres of integer ``regions`` (xyxy [N, 4]) grown by ``pad`` pixels per
+    side -> [N, C, h + 2 pad, w + 2 pad], h and w the largest region's (smaller regions fill the
+    top-left corner; the rest reads on past their region)."""
+    n = maps.shape[0]
+    hw = regions[:, 2:] - regions[:, :2]
+    w, h = int(hw[:, 0].max()) + 2 * pad, int(hw[:, 1].max()) + 2 * pad
+    ar = torch.arange(max(w, h), dtype=frames.dtype, device=frames.device) + 0.5 - pad
+    gx = ((regions[:, 0:1].to(frames.dtype) + ar[:w]) - frames[:, 0:1]) / (frames[:, 2:3] - frames[:, 0:1]) * 2 - 1
+    gy = ((regions[:, 1:2].to(frames.dtype) + ar[:h]) - frames[:, 1:2]) / (frames[:, 3:4] - frames[:, 1:2]) * 2 - 1
+    grid = torch.stack([gx[:, None, :].expand(n, h, w), gy[:, :, None].expand(n, h, w)], -1)
+    return F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def in_regions(regions: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Which cells of [N, h, w] region maps (``region_pixels`` with no pad) lie inside each
+    integer region (xyxy [N, 4]) -> bool [N, h, w]."""
+    hw = regions[:, 2:] - regions[:, :2]
+    return ((torch.arange(w, device=regions.device)[None, None, :] < hw[:, None, 0:1])
+            & (torch.arange(h, device=regions.device)[None, :, None] < hw[:, None, 1:2]))
+
+
 def cell_centres(res: int, idx: torch.Tensor) -> torch.Tensor:
     """Flat cell indices [N, P] of a res x res grid -> their centres in frame units [N, P, 2] (u, v)."""
     return torch.stack([(idx % res).float() + 0.5, (idx // res).float() + 0.5], -1) / res
@@ -126,64 +153,199 @@ class PointRendRefiner(nn.Module):
             return pad_batch(images, 1)
         return self.features(pad_batch(images, self.features.multiple))
 
+    def point_inputs(self, feats: torch.Tensor, xy: torch.Tensor, coarse: torch.Tensor | None = None,
+                     frames: torch.Tensor | None = None, inst: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The point head's fine inputs, as blocks of columns: one image's features [C, H, W] read
+        at points in image pixels [M, 2]; with ``coarse_patch``, also the coarse probabilities of
+        each point's instance (``coarse`` [N, S, S] over xyxy ``frames`` [N, 4]; ``inst`` [M],
+        int64) in the same window, as logits / 4 -> blocks [M, *] (patch: one per image channel,
+        then the coarse one, each [M, patch^2] in row-major window order)."""
+        m = xy.shape[0]
+        h, w = feats.shape[-2] * self.stride, feats.shape[-1] * self.stride  # the padded image the features cover
+        grid = image_grid(xy, h, w).reshape(1, m, 1, 2)
+        if self.features is None:  # a patch x patch pixel window around each point
+            grid = grid + (self.offsets * self.offsets.new_tensor([2.0 / w, 2.0 / h]))[None, None]  # [1, M, K, 2]
+            f = F.grid_sample(feats[None], grid, mode="bilinear", padding_mode="border", align_corners=False)[0]
+            parts = list(f)  # per image channel, [M, K] (contiguous: no copy)
+            if self.params.coarse_patch:
+                parts.append(self._coarse_window(coarse, frames, inst, xy))
+            return parts
+        f = F.grid_sample(feats[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
+        return [f[0, :, :, 0].t()]  # [M, C]: points as rows, so each 1x1 convolution is one matrix product
+
+    def _coarse_window(self, coarse: torch.Tensor, frames: torch.Tensor, inst: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
+        """Each point's instance map (``coarse`` [N, S, S] over ``frames`` [N, 4]; ``inst`` [M])
+        read bilinearly in the pixel window around the point (``xy`` [M, 2]), the border value
+        past the frame -> logits / 4 [M, K]. The N maps are stacked into one [N * S, S] atlas
+        and every read is clamped to its own map's edge cells, so one grid_sample serves points
+        of different instances (a flat point list needs no per-instance padding)."""
+        n, sh, sw = coarse.shape
+        fr = frames[inst]
+        size = fr[:, 2:] - fr[:, :2]  # [M, 2]
+        uv = (xy - fr[:, :2]) / size  # the point in its frame, [M, 2]
+        cells = uv.new_tensor([sw, sh])
+        # clamped to the outer cell centres: border padding, and never a neighbour's cells
+        grid = torch.max(torch.min(uv[:, None, :] + self.offsets[None] / size[:, None, :], 1 - 0.5 / cells), 0.5 / cells)
+        shift = torch.stack([torch.full_like(uv[:, 0], -1.0), inst.to(uv.dtype) * (2.0 / n) - 1.0], -1)  # [M, 2]
+        grid = grid.mul_(grid.new_tensor([2.0, 2.0 / n])).add_(shift[:, None, :])[None]  # the atlas: map i is rows i*S..
+        c = F.grid_sample(coarse.reshape(1, 1, n * sh, sw), grid, mode="bilinear", padding_mode="border",
+                          align_corners=False)[0, 0]
+        return torch.logit(c.clamp_(EPS, 1 - EPS)).div_(4.0)
+
     def point_logits(self, feats: torch.Tensor, xy: torch.Tensor, coarse_logit: torch.Tensor,
                      disagreement: torch.Tensor | None, coarse: torch.Tensor | None = None,
-                     frames: torch.Tensor | None = None) -> torch.Tensor:
-        """One image's features [C, H, W]; points in image pixels [N, P, 2]; the coarse logit and
-        disagreement there [N, P]; with ``coarse_patch`` also the coarse probabilities [N, S, S]
-        over ``frames`` (xyxy [N, 4]) -> refined logits [N, P]."""
-        n, p = xy.shape[:2]
-        h, w = feats.shape[-2] * self.stride, feats.shape[-1] * self.stride  # the padded image the features cover
-        grid = image_grid(xy, h, w).reshape(1, n * p, 1, 2)
-        if self.features is None:  # a patch x patch pixel window around each point, channels-major
-            k = self.offsets.shape[0]
-            scale = self.offsets.new_tensor([2.0 / w, 2.0 / h])
-            grid = grid + (self.offsets * scale).reshape(1, 1, k, 2)
-            f = F.grid_sample(feats[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
-            x = f[0].permute(1, 0, 2).reshape(n * p, -1)  # [N * P, 3 * K]
-            if self.params.coarse_patch:  # the coarse map in the same window, as logits
-                uv = image_to_frame(xy[:, :, None, :] + self.offsets[None, None], frames)  # [N, P, K, 2]
-                c = sample_maps(coarse, uv.reshape(n, p * k, 2)).reshape(n * p, k)
-                x = torch.cat([x, torch.logit(c.clamp(EPS, 1 - EPS)) / 4.0], 1)
-        else:
-            f = F.grid_sample(feats[None], grid, mode="bilinear", padding_mode="border", align_corners=False)
-            x = f[0, :, :, 0].t()  # [N * P, C]: points as rows, so each 1x1 convolution is one matrix product
-        side = [coarse_logit.reshape(-1, 1)]
+                     frames: torch.Tensor | None = None, inst: torch.Tensor | None = None) -> torch.Tensor:
+        """One image's features [C, H, W]; points in image pixels [N, P, 2] (or a flat list
+        [M, 2] with each point's instance ``inst`` [M]); the coarse logit and disagreement there
+        [N, P] (or [M]); with ``coarse_patch`` also the coarse probabilities [N, S, S] over
+        ``frames`` (xyxy [N, 4]) -> refined logits shaped like ``coarse_logit``."""
+        shape = coarse_logit.shape
+        if inst is None and xy.dim() == 3:
+            inst = torch.arange(xy.shape[0], device=xy.device).repeat_interleave(xy.shape[1])
+        parts = self.point_inputs(feats, xy.reshape(-1, 2), coarse, frames, inst)
+        return self.head(parts, coarse_logit.reshape(-1), None if disagreement is None else disagreement.reshape(-1)).reshape(shape)
+
+    def head(self, parts: list[torch.Tensor], coarse_logit: torch.Tensor, disagreement: torch.Tensor | None) -> torch.Tensor:
+        """The MLP over points: fine input blocks [M, *] (``point_inputs``' order), the coarse
+        logit [M] and disagreement [M] or None (read as 0) -> logits [M]."""
+        side = [coarse_logit[:, None]]
         if self.params.use_disagreement:
-            side.append((disagreement if disagreement is not None else torch.zeros_like(coarse_logit)).reshape(-1, 1))
+            side.append((disagreement if disagreement is not None else torch.zeros_like(coarse_logit))[:, None])
         side_t = torch.cat(side, 1)
-        for layer in (*self.layers, self.out):  # each 1x1 convolution over [x, side]: split, so nothing is concatenated
+        # Each 1x1 convolution over [fine, side] is split by input block, so nothing is concatenated.
+        wt, c0 = self.layers[0].weight[:, :, 0], 0
+        x = F.linear(side_t, wt[:, sum(q.shape[1] for q in parts):], self.layers[0].bias)
+        for q in parts:
+            x = x.addmm_(q, wt[:, c0:c0 + q.shape[1]].t())
+            c0 += q.shape[1]
+        for layer in (*self.layers[1:], self.out):
+            x = F.relu_(x)
             wt, c = layer.weight[:, :, 0], x.shape[1]
-            x = torch.addmm(F.linear(side_t, wt[:, c:], layer.bias), x, wt[:, :c].t())
-            if layer is not self.out:
-                x = F.relu(x)
-        return x.reshape(n, p)
+            x = F.linear(side_t, wt[:, c:], layer.bias).addmm_(x, wt[:, :c].t())
+        return x[:, 0]
 
     @torch.no_grad()
     def subdivide(self, feats: torch.Tensor, coarse: torch.Tensor, frames: torch.Tensor,
-                  disagreement: torch.Tensor | None = None, output_size: int | None = None) -> torch.Tensor:
+                  disagreement: torch.Tensor | None = None, output_size: int | torch.Tensor | None = None) -> torch.Tensor:
         """Adaptive subdivision for one image: ``feats`` [C, H, W]; ``coarse`` probabilities
-        [N, S, S] over ``frames`` (xyxy [N, 4], pixels); ``disagreement`` [N, S, S] or None ->
-        refined probabilities [N, R, R], R = S x 2^k the first at or above ``output_size``."""
+        [N, S, S] over ``frames`` (xyxy [N, 4], pixels); ``disagreement`` [N, S, S] or None;
+        ``output_size`` one side for all or per instance [N] (default ``params.output_size``) ->
+        refined probabilities [N, R, R], R = S x 2^k the first at or above the largest size.
+        Instance i is re-predicted at every step up to its own size; past it, it is only
+        upsampled (so a small instance costs no points at resolutions finer than it needs)."""
+        logits, _ = self.subdivide_logits(feats, coarse, frames, disagreement, output_size)
+        return torch.sigmoid(logits)
+
+    @torch.no_grad()
+    def subdivide_logits(self, feats: torch.Tensor, coarse: torch.Tensor, frames: torch.Tensor,
+                         disagreement: torch.Tensor | None = None,
+                         output_size: int | torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``subdivide`` in logits: -> (refined logits [N, R, R], the disagreement upsampled
+        alongside [N, R, R] or None)."""
         p = self.params
-        out_size = output_size or p.output_size
+        n = coarse.shape[0]
+        sizes = torch.as_tensor(p.output_size if output_size is None else output_size, device=coarse.device).expand(n)
         logits = torch.logit(coarse.clamp(EPS, 1 - EPS))
         dis = disagreement
         res = logits.shape[-1]
-        while res < out_size and logits.shape[0]:
+        while n and res < int(sizes.max()):
+            active = torch.nonzero(sizes > res)[:, 0]  # instances that still want a finer map
             res *= 2
             logits = F.interpolate(logits[:, None], scale_factor=2, mode="bilinear", align_corners=False)[:, 0]
             if dis is not None:
                 dis = F.interpolate(dis[:, None], scale_factor=2, mode="bilinear", align_corners=False)[:, 0]
-            k = min(p.points, res * res)
-            flat = logits.reshape(logits.shape[0], -1)
-            idx = (-flat.abs()).topk(k, dim=1).indices  # the most uncertain cells
-            uv = cell_centres(res, idx)
-            d = dis.reshape(dis.shape[0], -1).gather(1, idx) if dis is not None else None
-            extra = {"coarse": torch.sigmoid(logits), "frames": frames} if p.coarse_patch else {}
-            new = self.point_logits(feats, frame_to_image(uv, frames), flat.gather(1, idx), d, **extra)
-            logits = flat.scatter(1, idx, new).reshape(-1, res, res)
-        return torch.sigmoid(logits)
+            every = active.numel() == n
+            sub = logits if every else logits[active]
+            flat = sub.reshape(sub.shape[0], -1)
+            idx = (-flat.abs()).topk(min(p.points, res * res), dim=1).indices  # the most uncertain cells
+            fr = frames if every else frames[active]
+            d = None if dis is None else (dis if every else dis[active]).reshape(sub.shape[0], -1)
+            flat = self._repredict(feats, flat, idx, lambda i, j: frame_to_image(cell_centres(res, j)[:, None], fr[i])[:, 0],
+                                   d, sub, fr).reshape(-1, res, res)
+            if every:
+                logits = flat
+            else:
+                logits[active] = flat
+        return logits, dis
+
+    @torch.no_grad()
+    def render_pixels(self, feats: torch.Tensor, logits: torch.Tensor, frames: torch.Tensor, regions: torch.Tensor,
+                      disagreement: torch.Tensor | None = None, padded: torch.Tensor | None = None) -> torch.Tensor:
+        """The last subdivision step, on the image's own pixel grid: each instance's frame map
+        (``logits`` [N, R, R] over xyxy ``frames`` [N, 4]; ``disagreement`` alike or None) is read
+        bilinearly at the pixel centres of its integer ``regions`` (xyxy [N, 4], inside the image),
+        and its ``points`` most uncertain pixels are re-predicted there -> pixel logits [N, h, w]
+        (h, w the largest region's; instance i's map is [:, :y1 - y0, :x1 - x0], the rest padding).
+        With ``fine=patch`` every window read falls on pixel centres, so the windows are gathered
+        by integer index from the image and from the maps read once per pixel (the same values
+        ``point_inputs`` would interpolate, without a sampling grid per window pixel); ``padded``
+        is ``pad_window(feats)`` when the caller has it already (several calls on one image)."""
+        p = self.params
+        n = logits.shape[0]
+        r = p.patch // 2 if self.features is None else 0  # the maps are read r pixels past each region
+        chans = [logits] + ([torch.sigmoid(logits)] if p.coarse_patch else []) + ([disagreement] if disagreement is not None else [])
+        maps = region_pixels(torch.stack(chans, 1), frames, regions, r)  # [N, C, hp, wp]
+        hp, wp = maps.shape[-2:]
+        h, w = hp - 2 * r, wp - 2 * r
+        flat = maps[:, 0, r:r + h, r:r + w].reshape(n, -1)  # the logits at the regions' pixels
+        inside = in_regions(regions, h, w).reshape(n, -1)
+        unc = torch.where(inside, -flat.abs(), torch.full_like(flat, -float("inf")))
+        idx = unc.topk(min(p.points, h * w), dim=1).indices  # the most uncertain pixels of each region
+        chosen = flat.gather(1, idx)
+        keep = inside.gather(1, idx)  # a region smaller than ``points`` pixels: its padding is not chosen
+        if p.certain is not None:
+            keep &= chosen.abs() < p.certain
+        i, j = keep.nonzero(as_tuple=True)
+        if i.numel() == 0:
+            return flat.reshape(n, h, w)
+        cells = idx[i, j]
+        a, b = cells % w, cells // w  # the point's column and row in its region
+        d = maps[i, -1, b + r, a + r] if disagreement is not None else None
+        if self.features is None:
+            ox, oy = self.offsets[:, 0].long(), self.offsets[:, 1].long()  # [K], row-major window order
+            img = self.pad_window(feats) if padded is None else padded
+            iw = img.shape[-1]
+            centre = (regions[i, 1] + b + r) * iw + (regions[i, 0] + a + r)  # the point's pixel in the padded image
+            lin = (centre[:, None] + (oy * iw + ox)[None]).reshape(-1)  # [M * K]
+            parts = list(img.reshape(img.shape[0], -1).index_select(1, lin).reshape(img.shape[0], -1, ox.numel()))
+            if p.coarse_patch:
+                centre = i * (hp * wp) + (b + r) * wp + (a + r)
+                lin = (centre[:, None] + (oy * wp + ox)[None]).reshape(-1)
+                c = maps[:, 1].reshape(-1).index_select(0, lin).reshape(-1, ox.numel())
+                parts.append(torch.logit(c.clamp_(EPS, 1 - EPS)).div_(4.0))
+        else:
+            xy = torch.stack([regions[i, 0] + a, regions[i, 1] + b], -1).to(frames.dtype) + 0.5
+            parts = self.point_inputs(feats, xy)
+        out = flat.clone()
+        out[i, cells] = self.head(parts, chosen[i, j], d)
+        return out.reshape(n, h, w)
+
+    def pad_window(self, feats: torch.Tensor) -> torch.Tensor:
+        """fine=patch: the image [C, H, W] grown by half a window per side, edge pixels repeated
+        (so an integer window read past the border gives what grid_sample's border padding gives)."""
+        r = self.params.patch // 2
+        return F.pad(feats[None], (r, r, r, r), mode="replicate")[0]
+
+    def _repredict(self, feats: torch.Tensor, flat: torch.Tensor, idx: torch.Tensor, where, dis: torch.Tensor | None,
+                   maps: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+        """Re-predict the chosen cells ``idx`` [N, k] of flat logit maps ``flat`` [N, L], except
+        those already ``certain`` (|logit| at or above it): ``where(i, j)`` gives the image pixels
+        [M, 2] of cells j of instances i; ``dis`` [N, L] or None; ``maps`` [N, S, S] the logit
+        maps over ``frames`` the coarse window reads -> the updated ``flat``. The chosen points of
+        all instances go through the head as one flat list."""
+        p = self.params
+        chosen = flat.gather(1, idx)
+        keep = chosen.abs() < p.certain if p.certain is not None else torch.ones_like(chosen, dtype=torch.bool)
+        i, j = keep.nonzero(as_tuple=True)
+        if i.numel() == 0:
+            return flat
+        cells = idx[i, j]
+        d = None if dis is None else dis[i, cells]
+        extra = {"coarse": torch.sigmoid(maps), "frames": frames} if p.coarse_patch else {}
+        new = self.point_logits(feats, where(i, cells), chosen[i, j], d, inst=i, **extra)
+        out = flat.clone()
+        out[i, cells] = new
+        return out
 
     def forward(self, images: Sequence[torch.Tensor], targets: Sequence[dict] | None = None) -> dict[str, torch.Tensor]:
         if targets is None:

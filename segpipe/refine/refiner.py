@@ -3,8 +3,9 @@
 ``Refiner.refine(image, instances)``: the image's fine features once, then per instance its
 coarse map in the frame (the box grown by ``margin``): the box-frame soft mask resampled
 (zero outside its box), or the binary mask when the instances carry no soft masks; adaptive
-subdivision (``PointRendRefiner.subdivide``); the refined map is resampled onto the frame's
-pixels, thresholded at 0.5 and encoded. Scores, labels and order are kept; an instance whose
+subdivision (``PointRendRefiner.subdivide``) whose map is resampled onto the frame's pixels, or
+with ``render: pixels`` a last step on the pixels themselves (``render_pixels``, instances
+batched by size); thresholded at 0.5 and encoded. Scores, labels and order are kept; an instance whose
 refined mask would be empty keeps its original mask (refinement never loses an instance).
 """
 
@@ -19,7 +20,7 @@ from segpipe.config import ModelCard, PointRendParams
 from segpipe.modeling.base import NetworkHolder
 from segpipe.modeling.registry import register
 from segpipe.ops import masks as mask_ops
-from segpipe.refine.pointrend import PointRendRefiner, build_network, grow
+from segpipe.refine.pointrend import PointRendRefiner, build_network, grow, in_regions, region_pixels
 from segpipe.structures import SOFT_MASK_SIZE, Instances
 
 
@@ -85,32 +86,83 @@ class Refiner(NetworkHolder):
         dis = None
         if disagreement is not None and p.use_disagreement:
             dis = torch.from_numpy(box_maps_in_frames(disagreement, inst.boxes, frames, p.coarse_size)).to(self.device)
-        out_size = min(p.output_size, max(2 * p.coarse_size, self._useful_size(frames)))  # at least one step
-        refined = self.network.subdivide(feats, coarse, torch.from_numpy(frames).to(self.device), dis, out_size).cpu().numpy()
-        boxes, rles, probs = inst.boxes.copy(), list(inst.masks), np.array(inst.mask_probs if inst.mask_probs is not None
-                                                                             else np.zeros((len(inst), SOFT_MASK_SIZE, SOFT_MASK_SIZE)), np.float16)
-        for i in range(len(inst)):
-            region = (max(int(np.floor(frames[i, 0])), 0), max(int(np.floor(frames[i, 1])), 0),
-                      min(int(np.ceil(frames[i, 2])), w), min(int(np.ceil(frames[i, 3])), h))
-            if region[2] <= region[0] or region[3] <= region[1]:
-                continue
-            px = mask_ops.resample_box_frame(refined[i], frames[i], region)
-            keep = px >= 0.5
-            if not keep.any():
-                continue  # never lose an instance: keep its original mask
-            ys, xs = np.nonzero(keep)
-            tight = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-            rles[i] = mask_ops.encode_local(keep, region[0], region[1], h, w)
-            boxes[i] = (tight[0] + region[0], tight[1] + region[1], tight[2] + region[0], tight[3] + region[1])
-            probs[i] = mask_ops.crop_to_box_frame(px, tight, SOFT_MASK_SIZE)
+        regions = np.stack([np.maximum(np.floor(frames[:, 0]), 0), np.maximum(np.floor(frames[:, 1]), 0),
+                            np.minimum(np.ceil(frames[:, 2]), w), np.minimum(np.ceil(frames[:, 3]), h)], 1).astype(np.int64)
+        ok = np.nonzero((regions[:, 2] > regions[:, 0]) & (regions[:, 3] > regions[:, 1]))[0]
+        if len(ok) == 0:
+            return inst
+        ft = torch.from_numpy(frames).to(self.device)
+        out = (inst.boxes.copy(), list(inst.masks),
+               np.array(inst.mask_probs if inst.mask_probs is not None else np.zeros((len(inst), SOFT_MASK_SIZE, SOFT_MASK_SIZE)), np.float16))
+        if p.render == "pixels":
+            logits, dis = self._grid_steps(feats, coarse, ft, dis)
+            padded = self.network.pad_window(feats) if self.network.features is None else None
+            # Regions are padded to the largest in a batch: batch them by size, so one large
+            # object does not make every small one pay for its area.
+            side = (regions[ok, 2:] - regions[ok, :2]).max(1)
+            bucket = np.ceil(np.log2(np.maximum(side, 32) / 32)).astype(np.int64)
+            for b in np.unique(bucket):
+                part = ok[bucket == b]
+                sel, reg = torch.from_numpy(part).to(self.device), torch.from_numpy(regions[part]).to(self.device)
+                px = self.network.render_pixels(feats, logits[sel], ft[sel], reg, None if dis is None else dis[sel], padded)
+                self._paste(torch.sigmoid(px), regions[part], part, h, w, *out)
+        else:
+            maps = self.network.subdivide(feats, coarse, ft, dis, torch.from_numpy(self._useful_sizes(frames, p)).to(self.device))
+            sel, reg = torch.from_numpy(ok).to(self.device), torch.from_numpy(regions[ok]).to(self.device)
+            self._paste(region_pixels(maps[sel][:, None], ft[sel], reg)[:, 0], regions[ok], ok, h, w, *out)
+        boxes, rles, probs = out
         return Instances(height=h, width=w, boxes=boxes.astype(np.float32), scores=inst.scores, labels=inst.labels,
-                         masks=rles, mask_probs=probs.astype(np.float16))
+                         masks=rles, mask_probs=probs)
 
     @staticmethod
-    def _useful_size(frames: np.ndarray) -> int:
-        """Refining past about one cell per pixel of the largest frame side adds nothing (one
-        subdivision step always runs: small objects still get their uncertain points re-predicted)."""
-        return int(np.ceil((frames[:, 2:] - frames[:, :2]).max())) if len(frames) else 0
+    def _paste(px: torch.Tensor, regions: np.ndarray, ok: np.ndarray, h: int, w: int,
+               boxes: np.ndarray, rles: list, probs: np.ndarray) -> None:
+        """Refined probabilities ``px`` [M, ph, pw] over integer ``regions`` [M, 4] (region j in
+        the top-left corner of map j) of instances ``ok`` [M] of an ``h`` x ``w`` image, written
+        into ``boxes`` [N, 4], ``rles`` and ``probs`` [N, S, S] (float16) in place: each mask
+        thresholded at 0.5, its tight box and its box-frame soft mask. An instance whose refined
+        mask is empty keeps its original one (refinement never loses an instance)."""
+        m, ph, pw = px.shape
+        px = px * in_regions(torch.from_numpy(regions).to(px.device), ph, pw)
+        keep = px >= 0.5
+        rows, cols = keep.any(2), keep.any(1)  # [M, ph], [M, pw]
+        nonempty = rows.any(1)
+        ty0, tx0 = rows.to(torch.uint8).argmax(1), cols.to(torch.uint8).argmax(1)
+        ty1, tx1 = ph - rows.flip(1).to(torch.uint8).argmax(1), pw - cols.flip(1).to(torch.uint8).argmax(1)
+        tight = torch.stack([tx0, ty0, tx1, ty1], 1).to(px.dtype)  # [M, 4] in region pixels
+        c = (torch.arange(SOFT_MASK_SIZE, dtype=px.dtype, device=px.device) + 0.5) / SOFT_MASK_SIZE
+        gx = (tight[:, 0:1] + c * (tight[:, 2:3] - tight[:, 0:1])) / pw * 2 - 1  # [M, S]
+        gy = (tight[:, 1:2] + c * (tight[:, 3:4] - tight[:, 1:2])) / ph * 2 - 1
+        grid = torch.stack([gx[:, None, :].expand(-1, SOFT_MASK_SIZE, -1), gy[:, :, None].expand(-1, -1, SOFT_MASK_SIZE)], -1)
+        soft = F.grid_sample(px[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
+        keep_np, tight_np = keep.cpu().numpy(), tight.cpu().numpy().astype(np.int64)
+        soft_np, nonempty_np = soft.cpu().numpy(), nonempty.cpu().numpy()
+        for j, i in enumerate(ok):
+            if not nonempty_np[j]:
+                continue
+            x0, y0, x1, y1 = tight_np[j]
+            ox, oy = int(regions[j, 0]), int(regions[j, 1])
+            rles[i] = mask_ops.encode_local(keep_np[j, y0:y1, x0:x1], ox + x0, oy + y0, h, w)
+            boxes[i] = (ox + x0, oy + y0, ox + x1, oy + y1)
+            probs[i] = soft_np[j]
+
+    def _grid_steps(self, feats: torch.Tensor, coarse: torch.Tensor, frames: torch.Tensor,
+                    dis: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``render: pixels``, before the pixel step: subdivision while the grid stays coarser than
+        each frame's pixels (at most ``output_size``) -> (logits [N, R, R], disagreement alike)."""
+        p: PointRendParams = self.network.params
+        side = (frames[:, 2:] - frames[:, :2]).amax(1)
+        steps = torch.floor(torch.log2((side / p.coarse_size).clamp(min=1.0)))
+        sizes = (p.coarse_size * 2**steps).clamp(max=max(p.output_size, p.coarse_size)).to(torch.int64)
+        return self.network.subdivide_logits(feats, coarse, frames, dis, sizes)
+
+    @staticmethod
+    def _useful_sizes(frames: np.ndarray, p: PointRendParams) -> np.ndarray:
+        """Per instance, the side its refined map needs: about one cell per pixel of its frame's
+        longer side, at most ``output_size``, and at least one subdivision step (a small object
+        still gets its uncertain points re-predicted) -> int64 [N]."""
+        side = np.ceil((frames[:, 2:] - frames[:, :2]).max(1)) if len(frames) else np.zeros(0)
+        return np.clip(side, 2 * p.coarse_size, max(p.output_size, 2 * p.coarse_size)).astype(np.int64)
 
 
 @register("pointrend")
