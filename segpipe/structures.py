@@ -8,7 +8,8 @@ masks spanning each instance's box.
 
 from __future__ import annotations
 
-import io
+import json
+import struct
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -17,6 +18,7 @@ import numpy as np
 from segpipe.ops.shapes import check_shape
 
 SOFT_MASK_SIZE = 28
+MAGIC = b"SPI1"  # serialised Instances, format 1 (``Instances.to_bytes``)
 
 
 @dataclass
@@ -68,36 +70,43 @@ class Instances:
         )
 
     def to_bytes(self) -> bytes:
-        """Serialise without pickle (an npz of plain arrays), for passing between pipeline stages."""
+        """Serialise without pickle, for passing between pipeline stages: ``MAGIC``, a uint32
+        header length, a JSON header (height, width and each array's dtype and shape, numeric
+        dtypes only) and the arrays' raw bytes in header order. RLE counts travel as one blob
+        plus offsets."""
         counts = [r["counts"].encode("ascii") if isinstance(r["counts"], str) else r["counts"] for r in self.masks]
-        offsets = np.cumsum([0] + [len(c) for c in counts]).astype(np.int64)
         arrays = {
-            "size": np.asarray([self.height, self.width], np.int64),
-            "boxes": self.boxes,
-            "scores": self.scores,
-            "labels": self.labels,
+            "boxes": np.ascontiguousarray(self.boxes),
+            "scores": np.ascontiguousarray(self.scores),
+            "labels": np.ascontiguousarray(self.labels),
+            "rle_offsets": np.cumsum([0] + [len(c) for c in counts]).astype(np.int64),
             "rle_blob": np.frombuffer(b"".join(counts), dtype=np.uint8),
-            "rle_offsets": offsets,
         }
         if self.mask_probs is not None:
-            arrays["mask_probs"] = self.mask_probs
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        return buf.getvalue()
+            arrays["mask_probs"] = np.ascontiguousarray(self.mask_probs)
+        header = json.dumps({"size": [int(self.height), int(self.width)],
+                             "arrays": [[k, a.dtype.str, list(a.shape)] for k, a in arrays.items()]}).encode()
+        return b"".join([MAGIC, struct.pack("<I", len(header)), header, *(a.tobytes() for a in arrays.values())])
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "Instances":
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            h, w = (int(v) for v in z["size"])
-            blob = z["rle_blob"].tobytes()
-            off = z["rle_offsets"]
-            masks = [{"size": [h, w], "counts": blob[off[i] : off[i + 1]].decode("ascii")} for i in range(len(off) - 1)]
-            return cls(
-                height=h,
-                width=w,
-                boxes=z["boxes"],
-                scores=z["scores"],
-                labels=z["labels"],
-                masks=masks,
-                mask_probs=z["mask_probs"] if "mask_probs" in z.files else None,
-            )
+        """Inverse of ``to_bytes``; refuses anything else (a non-numeric dtype, a short buffer)."""
+        if data[:4] != MAGIC or len(data) < 8:
+            raise ValueError("not serialised Instances (bad magic)")
+        (n_header,) = struct.unpack_from("<I", data, 4)
+        head = json.loads(data[8 : 8 + n_header])
+        pos, arrays = 8 + n_header, {}
+        for name, dtype, shape in head["arrays"]:
+            dt = np.dtype(dtype)
+            if dt.kind not in "biuf":
+                raise ValueError(f"serialised Instances: array {name} has non-numeric dtype {dtype}")
+            size = dt.itemsize * int(np.prod(shape, dtype=np.int64))
+            if pos + size > len(data):
+                raise ValueError(f"serialised Instances: array {name} runs past the end of the data")
+            arrays[name] = np.frombuffer(data, dtype=dt, count=size // dt.itemsize, offset=pos).reshape(shape).copy()
+            pos += size
+        h, w = head["size"]
+        blob, off = arrays["rle_blob"].tobytes(), arrays["rle_offsets"]
+        masks = [{"size": [h, w], "counts": blob[off[i] : off[i + 1]].decode("ascii")} for i in range(len(off) - 1)]
+        return cls(height=h, width=w, boxes=arrays["boxes"], scores=arrays["scores"], labels=arrays["labels"],
+                   masks=masks, mask_probs=arrays.get("mask_probs"))

@@ -179,3 +179,22 @@ def test_a_lone_member_passes_through_unchanged(method):
     assert fused.instances.scores[0] == pytest.approx(0.3) and fused.members[0][0].iou == 1.0
     # A vote quorum above the lone model's share of the weight drops it.
     assert len(fuse_image([out, _out("b", [], [])], EnsembleConfig(method="vote", quorum=0.6)).instances) == 0
+
+
+def test_group_probs_resamples_all_members_at_once_as_one_by_one():
+    """Soft fusion reads the members' box-frame soft masks with one grid_sample per group; it
+    must equal member_probs member by member (zero outside each member's box)."""
+    from segpipe.ensemble.fuse import group_probs, member_probs
+    from segpipe.structures import Instances
+
+    rng = np.random.default_rng(0)
+    boxes = [np.array([[3.2, 4.7, 20.5, 18.1]], np.float32), np.array([[6.0, 2.5, 25.0, 21.9]], np.float32)]
+    insts = [Instances(height=30, width=32, boxes=b, scores=np.ones(1, np.float32), labels=np.ones(1, np.int64),
+                       masks=mask_ops.encode(np.ones((1, 30, 32), np.uint8)),
+                       mask_probs=rng.random((1, 28, 28)).astype(np.float16)) for b in boxes]
+    region = (2, 2, 26, 23)
+    got = group_probs(insts, [0, 0], region)
+    want = np.stack([member_probs(ins, 0, region) for ins in insts])
+    assert got.shape == (2, 21, 24)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert got[0, :, -1].max() == 0.0  # x 25.5 lies right of the first member's box

@@ -445,3 +445,16 @@ def test_decode_region_matches_a_full_decode_on_random_masks_and_windows():
         want = padded[y0 + 40 : y1 + 40, x0 + 40 : x1 + 40]
         got = mask_ops.decode_region(rle, (x0, y0, x1, y1))
         assert got.dtype == bool and np.array_equal(got, want), (t, h, w, x0, y0, x1, y1)
+
+
+def test_encode_stack_equals_encode_local_per_map():
+    """One diff for a whole stack gives each map's own RLE, as encode_local does map by map."""
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        m, h, w = (int(v) for v in rng.integers(1, 6, 1).tolist() + rng.integers(1, 24, 2).tolist())
+        stack = rng.random((m, h, w)) > 0.5
+        x0, y0 = rng.integers(0, 50 - w + 1, m), rng.integers(0, 40 - h + 1, m)
+        want = [mask_ops.encode_local(stack[k], int(x0[k]), int(y0[k]), 40, 50) for k in range(m)]
+        assert mask_ops.encode_stack(stack, x0, y0, 40, 50) == want
+    full = np.ones((1, 40, 50), bool)  # a run across every column boundary merges into one
+    assert mask_ops.encode_stack(full, [0], [0], 40, 50) == mask_ops.encode(full.astype(np.uint8))

@@ -340,3 +340,23 @@ def test_subdivision_stops_each_instance_at_its_own_size():
     assert out.shape == (2, 112, 112)
     # step to 28: both (10 points each); to 56 and 112: the large one only (its points reach past 20 px)
     assert [s[0] for s in seen] == [20, 10, 10] and seen[1][1] and seen[2][1]
+
+
+def test_min_score_leaves_low_scoring_instances_as_they_were():
+    """Refiner.refine(min_score=...): instances scoring under it come back untouched (mask,
+    box and soft mask); the others are refined (here by the truth: a disc)."""
+    from segpipe.ops import masks as mask_ops
+    from segpipe.refine.refiner import Refiner
+    from segpipe.structures import Instances
+
+    h, w = 80, 100
+    sq = np.zeros((2, h, w), np.uint8)
+    sq[:, 15:65, 25:75] = 1  # a square: the coarse guess for the disc
+    box = np.array([[25.0, 15.0, 75.0, 65.0]] * 2, np.float32)
+    probs = np.stack([mask_ops.crop_to_box_frame(m.astype(np.float32), box[0], 28) for m in sq]).astype(np.float16)
+    inst = Instances(height=h, width=w, boxes=box, scores=np.array([0.9, 0.02], np.float32), labels=np.ones(2, np.int64),
+                     masks=mask_ops.encode(sq), mask_probs=probs)
+    p = PointRendParams.model_validate(TINY | {"coarse_size": 14, "points": 4000, "render": "pixels"})
+    out = Refiner(_OracleHead(p).eval()).refine(np.zeros((h, w, 3), np.uint8), inst, None, 0.05)
+    assert out.masks[1] == inst.masks[1] and (out.boxes[1] == box[1]).all() and (out.mask_probs[1] == probs[1]).all()
+    assert abs(int(mask_ops.area(out.masks[:1])[0]) - np.pi * 30**2) < 30  # the oracle's disc (r 30 px), not the square

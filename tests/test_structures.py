@@ -232,43 +232,46 @@ def test_bytes_roundtrip_of_empty_default():
     assert len(back) == 0 and (back.height, back.width) == (7, 3)
 
 
-def test_to_bytes_is_a_pickle_free_npz():
+def test_to_bytes_is_pickle_free_raw_arrays():
+    import json
+    import struct
+
+    from segpipe.structures import MAGIC
+
     data = make(3, probs=True).to_bytes()
-    assert zipfile.is_zipfile(io.BytesIO(data))
-    with np.load(io.BytesIO(data), allow_pickle=False) as z:
-        for name in z.files:
-            arr = z[name]  # would raise ValueError for an object (pickled) array
-            assert arr.dtype != object
-        assert set(z.files) >= {"size", "boxes", "scores", "labels", "rle_blob", "rle_offsets", "mask_probs"}
+    assert data[:4] == MAGIC
+    (n,) = struct.unpack_from("<I", data, 4)
+    head = json.loads(data[8 : 8 + n])
+    assert {a[0] for a in head["arrays"]} == {"boxes", "scores", "labels", "rle_blob", "rle_offsets", "mask_probs"}
+    assert all(np.dtype(a[1]).kind in "biuf" for a in head["arrays"])  # numbers only: nothing to unpickle
+    sizes = sum(np.dtype(d).itemsize * int(np.prod(s)) for _, d, s in head["arrays"])
+    assert len(data) == 8 + n + sizes
 
 
-def test_from_bytes_refuses_pickled_payload():
-    # An npz whose array needs pickle: from_bytes must refuse it, never unpickle.
+def test_from_bytes_refuses_foreign_or_broken_payloads():
+    import json
+    import struct
+
+    from segpipe.structures import MAGIC
+
+    def payload(arrays, body=b""):
+        head = json.dumps({"size": [H, W], "arrays": arrays}).encode()
+        return MAGIC + struct.pack("<I", len(head)) + head + body
+
+    # An array that would need pickle (object dtype): refused, never unpickled.
+    with pytest.raises(ValueError, match="non-numeric"):
+        Instances.from_bytes(payload([["boxes", "|O", [1, 4]]], b"\0" * 32))
+    with pytest.raises(ValueError, match="past the end"):
+        Instances.from_bytes(payload([["boxes", "<f4", [2, 4]]], b"\0" * 16))
     buf = io.BytesIO()
-    np.savez(
-        buf,
-        size=np.asarray([H, W], np.int64),
-        boxes=np.array([object()], dtype=object),
-        scores=np.zeros((0,), np.float32),
-        labels=np.zeros((0,), np.int64),
-        rle_blob=np.zeros((0,), np.uint8),
-        rle_offsets=np.zeros((1,), np.int64),
-    )
-    with pytest.raises(ValueError, match="allow_pickle"):
+    np.savez(buf, size=np.asarray([H, W], np.int64))
+    with pytest.raises(ValueError, match="bad magic"):
         Instances.from_bytes(buf.getvalue())
 
 
 def test_from_bytes_validates():
     inst = make(2)
-    buf = io.BytesIO()
-    np.savez(
-        buf,
-        size=np.asarray([H, W], np.int64),
-        boxes=inst.boxes,
-        scores=inst.scores.astype(np.float64),  # wrong dtype must not be silently converted
-        labels=inst.labels,
-        rle_blob=np.zeros((0,), np.uint8),
-        rle_offsets=np.zeros((3,), np.int64),
-    )
+    inst.scores = inst.scores.astype(np.float64)  # wrong dtype must not be silently converted
+    data = Instances.to_bytes(inst)
     with pytest.raises(TypeError, match="float64"):
-        Instances.from_bytes(buf.getvalue())
+        Instances.from_bytes(data)

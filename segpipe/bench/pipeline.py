@@ -83,7 +83,7 @@ def sequential(cfg: WorkflowConfig, files: list[Path], out_dir: Path) -> dict:
             final, spread = fused.instances, fused.spread
             t = lap("ensemble", t)
         if refiner is not None:
-            final = refiner.refine(image, final, spread)
+            final = refiner.refine(image, final, spread, cfg.refine.min_score)
             t = lap("refine", t)
         doc = {"file": str(path), "height": final.height, "width": final.width,
                "models": {o.name: _json_instances(o.instances) for o in outs}, "instances": _json_instances(final)}

@@ -30,6 +30,8 @@ from itertools import combinations
 from typing import Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
 from segpipe.config import EnsembleConfig
 from segpipe.ops import masks as mask_ops
@@ -197,6 +199,26 @@ def member_probs(inst: Instances, i: int, region: tuple[int, int, int, int]) -> 
     return np.where(inside, probs, 0.0).astype(np.float32)
 
 
+def group_probs(insts: Sequence[Instances], idx: Sequence[int], region: tuple[int, int, int, int]) -> np.ndarray:
+    """The members' probability maps over ``region`` (``member_probs`` of each), with one
+    grid_sample for all members that carry soft masks -> float32 [K, rh, rw]."""
+    if any(ins.mask_probs is None for ins in insts):
+        return np.stack([member_probs(ins, i, region) for ins, i in zip(insts, idx)])
+    x0, y0, x1, y1 = region
+    boxes = np.stack([ins.boxes[i] for ins, i in zip(insts, idx)]).astype(np.float64)  # [K, 4]
+    maps = torch.from_numpy(np.stack([ins.mask_probs[i] for ins, i in zip(insts, idx)]).astype(np.float32))[:, None]
+    xs, ys = np.arange(x0, x1) + 0.5, np.arange(y0, y1) + 0.5  # pixel centres
+    gx = (xs[None] - boxes[:, 0:1]) / np.maximum(boxes[:, 2:3] - boxes[:, 0:1], 1e-6) * 2 - 1  # [K, rw], box frame
+    gy = (ys[None] - boxes[:, 1:2]) / np.maximum(boxes[:, 3:4] - boxes[:, 1:2], 1e-6) * 2 - 1
+    k, rh, rw = len(boxes), len(ys), len(xs)
+    grid = np.empty((k, rh, rw, 2), np.float32)
+    grid[..., 0], grid[..., 1] = gx[:, None, :], gy[:, :, None]
+    probs = F.grid_sample(maps, torch.from_numpy(grid), mode="bilinear", padding_mode="border", align_corners=False)[:, 0].numpy()
+    inside = (((ys[None] >= boxes[:, 1:2]) & (ys[None] < boxes[:, 3:4]))[:, :, None]
+              & ((xs[None] >= boxes[:, 0:1]) & (xs[None] < boxes[:, 2:3]))[:, None, :])
+    return np.where(inside, probs, 0.0).astype(np.float32)
+
+
 def _binary_iou(a: np.ndarray, b: np.ndarray) -> float:
     union = int(np.count_nonzero(a | b))
     return float(np.count_nonzero(a & b)) / union if union else 0.0
@@ -234,10 +256,10 @@ def _fuse_group(outputs, weights, total, group, cfg: EnsembleConfig, h: int, w: 
         return None
     # Soft fusion needs no member's binary mask: members' IoUs to the fused mask come from RLEs.
     binary = None if cfg.method == "soft" else [mask_ops.decode_region(ins.masks[i], region) for ins, i in zip(insts, idx)]
-    probs = [member_probs(ins, i, region) for ins, i in zip(insts, idx)]
+    probs = group_probs(insts, idx, region)  # [K, rh, rw]
     if cfg.method == "soft":
         denom = strength.sum()
-        fused_p = sum(s * p for s, p in zip(strength, probs)) / denom if denom > 0 else np.mean(probs, 0)
+        fused_p = np.tensordot(strength / denom, probs, 1) if denom > 0 else probs.mean(0)
         keep = fused_p >= cfg.mask_thresh
     elif cfg.method == "vote":
         mw = np.asarray([weights[m] for m, _ in group], np.float64)

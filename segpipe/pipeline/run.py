@@ -472,7 +472,7 @@ def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceF
         ds = ds.map_batches(
             RefineStage,
             fn_constructor_kwargs={"model_ref": refiner.ref, "source": source, "use_gpu": n_gpus > 0,
-                                   "num_threads": int(rc.num_cpus), "meter": meter},
+                                   "num_threads": int(rc.num_cpus), "meter": meter, "min_score": rc.min_score},
             compute=ray.data.ActorPoolStrategy(size=rc.concurrency),
             batch_size=rc.batch_size,
             num_cpus=rc.num_cpus,

@@ -214,7 +214,7 @@ class RefineStage:
     A refinement that fails on an image turns that row into an error record, as a model would."""
 
     def __init__(self, *, model_ref: str, source: str, use_gpu: bool, num_threads: int, zoo_dir: str | None = None,
-                 meter=None) -> None:
+                 meter=None, min_score: float = 0.0) -> None:
         import torch
 
         from segpipe.modeling.zoo import DEFAULT_ZOO, load_adapter
@@ -224,6 +224,7 @@ class RefineStage:
         self.refiner, self.card = load_adapter(model_ref, device=device, zoo=DEFAULT_ZOO if zoo_dir is None else Path(zoo_dir))
         self.source = source
         self.meter = meter
+        self.min_score = min_score
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         from segpipe.ensemble.fuse import decode_fused
@@ -243,7 +244,7 @@ class RefineStage:
                     inst, spread = fused.instances, fused.spread
                 else:
                     inst = Instances.from_bytes(batch[f"pred:{self.source}"][i])
-                preds[i] = self.refiner.refine(batch["image"][i], inst, spread).to_bytes()
+                preds[i] = self.refiner.refine(batch["image"][i], inst, spread, self.min_score).to_bytes()
             except Exception as e:  # noqa: BLE001 - isolate the failing image
                 e_stage[i], e_type[i], e_msg[i] = f"refine:{self.card.name}", type(e).__name__, str(e)[:2000]
             ms[i], cpu[i] = (time.perf_counter() - t) * 1000, (time.process_time() - c) * 1000

@@ -213,16 +213,34 @@ class PointRendRefiner(nn.Module):
             side.append((disagreement if disagreement is not None else torch.zeros_like(coarse_logit))[:, None])
         side_t = torch.cat(side, 1)
         # Each 1x1 convolution over [fine, side] is split by input block, so nothing is concatenated.
-        wt, c0 = self.layers[0].weight[:, :, 0], 0
-        x = F.linear(side_t, wt[:, sum(q.shape[1] for q in parts):], self.layers[0].bias)
-        for q in parts:
-            x = x.addmm_(q, wt[:, c0:c0 + q.shape[1]].t())
-            c0 += q.shape[1]
-        for layer in (*self.layers[1:], self.out):
-            x = F.relu_(x)
-            wt, c = layer.weight[:, :, 0], x.shape[1]
-            x = F.linear(side_t, wt[:, c:], layer.bias).addmm_(x, wt[:, :c].t())
+        layers = self._split_layers(tuple(q.shape[1] for q in parts))
+        blocks, w_side, bias = layers[0]
+        x = F.linear(side_t, w_side, bias)
+        for q, wq in zip(parts, blocks):
+            x = x.addmm_(q, wq)
+        for blocks, w_side, bias in layers[1:]:
+            x = F.linear(side_t, w_side, bias).addmm_(F.relu_(x), blocks[0])
         return x[:, 0]
+
+    def _split_layers(self, widths: tuple[int, ...]) -> list[tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]]:
+        """The head's 1x1 convolutions split by input block: per layer ([W_k^T, one per fine
+        block of ``widths`` (the first layer) or the previous layer's output], W_side, bias).
+        Without gradients the split is cached while the weights are unchanged (their version
+        counters), so inference does not re-slice and re-copy them on every call."""
+        chain = (*self.layers, self.out)
+        key = (widths, tuple(layer.weight._version for layer in chain))
+        cached = self.__dict__.get("_split_cache")
+        if not torch.is_grad_enabled() and cached is not None and cached[0] == key:
+            return cached[1]
+        out = []
+        for n, layer in enumerate(chain):
+            wt = layer.weight[:, :, 0]
+            ws = widths if n == 0 else (wt.shape[1] - (2 if self.params.use_disagreement else 1),)
+            edges = [0, *torch.tensor(ws).cumsum(0).tolist()]
+            out.append(([wt[:, a:b].t().contiguous() for a, b in zip(edges, edges[1:])], wt[:, edges[-1]:].contiguous(), layer.bias))
+        if not torch.is_grad_enabled():
+            self.__dict__["_split_cache"] = (key, out)
+        return out
 
     @torch.no_grad()
     def subdivide(self, feats: torch.Tensor, coarse: torch.Tensor, frames: torch.Tensor,

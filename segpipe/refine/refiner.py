@@ -71,10 +71,11 @@ class Refiner(NetworkHolder):
         return cls(build_network(params=PointRendParams.model_validate(card.params)), card.name)
 
     @torch.inference_mode()
-    def refine(self, image: np.ndarray, inst: Instances, disagreement: np.ndarray | None = None) -> Instances:
+    def refine(self, image: np.ndarray, inst: Instances, disagreement: np.ndarray | None = None,
+               min_score: float = 0.0) -> Instances:
         """``image`` uint8 [H, W, 3]; ``inst`` of that image; ``disagreement`` optional float
         [N, S, S] in each instance's box frame -> Instances with refined masks, tight boxes and
-        box-frame soft masks."""
+        box-frame soft masks (instances scoring under ``min_score`` come back as they were)."""
         if len(inst) == 0:
             return inst
         p: PointRendParams = self.network.params
@@ -88,7 +89,7 @@ class Refiner(NetworkHolder):
             dis = torch.from_numpy(box_maps_in_frames(disagreement, inst.boxes, frames, p.coarse_size)).to(self.device)
         regions = np.stack([np.maximum(np.floor(frames[:, 0]), 0), np.maximum(np.floor(frames[:, 1]), 0),
                             np.minimum(np.ceil(frames[:, 2]), w), np.minimum(np.ceil(frames[:, 3]), h)], 1).astype(np.int64)
-        ok = np.nonzero((regions[:, 2] > regions[:, 0]) & (regions[:, 3] > regions[:, 1]))[0]
+        ok = np.nonzero((regions[:, 2] > regions[:, 0]) & (regions[:, 3] > regions[:, 1]) & (inst.scores >= min_score))[0]
         if len(ok) == 0:
             return inst
         ft = torch.from_numpy(frames).to(self.device)
@@ -137,12 +138,12 @@ class Refiner(NetworkHolder):
         soft = F.grid_sample(px[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
         keep_np, tight_np = keep.cpu().numpy(), tight.cpu().numpy().astype(np.int64)
         soft_np, nonempty_np = soft.cpu().numpy(), nonempty.cpu().numpy()
-        for j, i in enumerate(ok):
-            if not nonempty_np[j]:
-                continue
-            x0, y0, x1, y1 = tight_np[j]
+        done = np.nonzero(nonempty_np)[0]
+        encoded = mask_ops.encode_stack(keep_np[done], regions[done, 0], regions[done, 1], h, w)
+        for j, rle in zip(done, encoded):
+            i, (x0, y0, x1, y1) = ok[j], tight_np[j]
             ox, oy = int(regions[j, 0]), int(regions[j, 1])
-            rles[i] = mask_ops.encode_local(keep_np[j, y0:y1, x0:x1], ox + x0, oy + y0, h, w)
+            rles[i] = rle
             boxes[i] = (ox + x0, oy + y0, ox + x1, oy + y1)
             probs[i] = soft_np[j]
 
