@@ -204,16 +204,11 @@ def group_probs(insts: Sequence[Instances], idx: Sequence[int], region: tuple[in
     grid_sample for all members that carry soft masks -> float32 [K, rh, rw]."""
     if any(ins.mask_probs is None for ins in insts):
         return np.stack([member_probs(ins, i, region) for ins, i in zip(insts, idx)])
-    x0, y0, x1, y1 = region
-    boxes = np.stack([ins.boxes[i] for ins, i in zip(insts, idx)]).astype(np.float64)  # [K, 4]
+    k, (x0, y0, x1, y1) = len(idx), region
+    boxes = np.stack([ins.boxes[i] for ins, i in zip(insts, idx)]).astype(np.float32)  # [K, 4]
     maps = torch.from_numpy(np.stack([ins.mask_probs[i] for ins, i in zip(insts, idx)]).astype(np.float32))[:, None]
-    xs, ys = np.arange(x0, x1) + 0.5, np.arange(y0, y1) + 0.5  # pixel centres
-    gx = (xs[None] - boxes[:, 0:1]) / np.maximum(boxes[:, 2:3] - boxes[:, 0:1], 1e-6) * 2 - 1  # [K, rw], box frame
-    gy = (ys[None] - boxes[:, 1:2]) / np.maximum(boxes[:, 3:4] - boxes[:, 1:2], 1e-6) * 2 - 1
-    k, rh, rw = len(boxes), len(ys), len(xs)
-    grid = np.empty((k, rh, rw, 2), np.float32)
-    grid[..., 0], grid[..., 1] = gx[:, None, :], gy[:, :, None]
-    probs = F.grid_sample(maps, torch.from_numpy(grid), mode="bilinear", padding_mode="border", align_corners=False)[:, 0].numpy()
+    probs = mask_ops.region_pixels(maps, torch.from_numpy(boxes), torch.tensor([region] * k))[:, 0].numpy()
+    xs, ys = np.arange(x0, x1) + 0.5, np.arange(y0, y1) + 0.5  # pixel centres; 0 outside each member's box
     inside = (((ys[None] >= boxes[:, 1:2]) & (ys[None] < boxes[:, 3:4]))[:, :, None]
               & ((xs[None] >= boxes[:, 0:1]) & (xs[None] < boxes[:, 2:3]))[:, None, :])
     return np.where(inside, probs, 0.0).astype(np.float32)

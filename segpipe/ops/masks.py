@@ -221,6 +221,29 @@ def resample_box_frame(
     return out[0, 0].numpy()
 
 
+def region_pixels(maps: torch.Tensor, frames: torch.Tensor, regions: torch.Tensor, pad: int = 0) -> torch.Tensor:
+    """Frame maps [N, C, R, R] over xyxy ``frames`` [N, 4] read bilinearly (border value past the
+    frame) at the pixel centres of integer ``regions`` (xyxy [N, 4]) grown by ``pad`` pixels per
+    side -> [N, C, h + 2 pad, w + 2 pad], h and w the largest region's (smaller regions fill the
+    top-left corner; the rest reads on past their region)."""
+    n = maps.shape[0]
+    hw = regions[:, 2:] - regions[:, :2]
+    w, h = int(hw[:, 0].max()) + 2 * pad, int(hw[:, 1].max()) + 2 * pad
+    ar = torch.arange(max(w, h), dtype=frames.dtype, device=frames.device) + 0.5 - pad
+    gx = ((regions[:, 0:1].to(frames.dtype) + ar[:w]) - frames[:, 0:1]) / (frames[:, 2:3] - frames[:, 0:1]) * 2 - 1
+    gy = ((regions[:, 1:2].to(frames.dtype) + ar[:h]) - frames[:, 1:2]) / (frames[:, 3:4] - frames[:, 1:2]) * 2 - 1
+    grid = torch.stack([gx[:, None, :].expand(n, h, w), gy[:, :, None].expand(n, h, w)], -1)
+    return F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def in_regions(regions: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Which cells of [N, h, w] region maps (``region_pixels`` with no pad) lie inside each
+    integer region (xyxy [N, 4]) -> bool [N, h, w]."""
+    hw = regions[:, 2:] - regions[:, :2]
+    return ((torch.arange(w, device=regions.device)[None, None, :] < hw[:, None, 0:1])
+            & (torch.arange(h, device=regions.device)[None, :, None] < hw[:, None, 1:2]))
+
+
 def crop_to_box_frame(mask: np.ndarray, box_xyxy: Sequence[float], size: int = 28) -> np.ndarray:
     """Sample a dense [H, W] mask (or a stack [C, H, W] of maps) into an [size, size] (or
     [C, size, size]) float map spanning ``box_xyxy``."""

@@ -23,6 +23,7 @@ candidates, the rest uniform (the paper's sampling).
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Sequence
 
 import torch
@@ -35,6 +36,7 @@ from segpipe.modeling.batching import pad_batch
 from segpipe.modeling.embednet import EmbedUNet
 from segpipe.modeling.instance_classifier import grow_boxes as grow  # the frame: the box grown by margin per side
 from segpipe.modeling.instance_classifier import tight_boxes
+from segpipe.ops.masks import in_regions, region_pixels
 from segpipe.refine.degrade import degrade
 
 EPS = 1e-4
@@ -92,29 +94,6 @@ def boundary_points(masks: torch.Tensor, frames: torch.Tensor, k: int, candidate
     near = near_boundary(lambda xy: sample_masks(masks, xy), cand)
     pick = (near.float() + torch.rand(near.shape, device=masks.device) * 0.5).topk(k, dim=1).indices
     return cand.gather(1, pick[..., None].expand(-1, -1, 2))
-
-
-def region_pixels(maps: torch.Tensor, frames: torch.Tensor, regions: torch.Tensor, pad: int = 0) -> torch.Tensor:
-    """Frame maps [N, C, R, R] over xyxy ``frames`` [N, 4] read bilinearly (border value past the
-    frame) at the pixel centres of integer ``regions`` (xyxy [N, 4]) grown by ``pad`` pixels per
-    side -> [N, C, h + 2 pad, w + 2 pad], h and w the largest region's (smaller regions fill the
-    top-left corner; the rest reads on past their region)."""
-    n = maps.shape[0]
-    hw = regions[:, 2:] - regions[:, :2]
-    w, h = int(hw[:, 0].max()) + 2 * pad, int(hw[:, 1].max()) + 2 * pad
-    ar = torch.arange(max(w, h), dtype=frames.dtype, device=frames.device) + 0.5 - pad
-    gx = ((regions[:, 0:1].to(frames.dtype) + ar[:w]) - frames[:, 0:1]) / (frames[:, 2:3] - frames[:, 0:1]) * 2 - 1
-    gy = ((regions[:, 1:2].to(frames.dtype) + ar[:h]) - frames[:, 1:2]) / (frames[:, 3:4] - frames[:, 1:2]) * 2 - 1
-    grid = torch.stack([gx[:, None, :].expand(n, h, w), gy[:, :, None].expand(n, h, w)], -1)
-    return F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
-
-
-def in_regions(regions: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Which cells of [N, h, w] region maps (``region_pixels`` with no pad) lie inside each
-    integer region (xyxy [N, 4]) -> bool [N, h, w]."""
-    hw = regions[:, 2:] - regions[:, :2]
-    return ((torch.arange(w, device=regions.device)[None, None, :] < hw[:, None, 0:1])
-            & (torch.arange(h, device=regions.device)[None, :, None] < hw[:, None, 1:2]))
 
 
 def cell_centres(res: int, idx: torch.Tensor) -> torch.Tensor:
@@ -236,7 +215,7 @@ class PointRendRefiner(nn.Module):
         for n, layer in enumerate(chain):
             wt = layer.weight[:, :, 0]
             ws = widths if n == 0 else (wt.shape[1] - (2 if self.params.use_disagreement else 1),)
-            edges = [0, *torch.tensor(ws).cumsum(0).tolist()]
+            edges = [0, *accumulate(ws)]
             out.append(([wt[:, a:b].t().contiguous() for a, b in zip(edges, edges[1:])], wt[:, edges[-1]:].contiguous(), layer.bias))
         if not torch.is_grad_enabled():
             self.__dict__["_split_cache"] = (key, out)
@@ -278,8 +257,13 @@ class PointRendRefiner(nn.Module):
             idx = (-flat.abs()).topk(min(p.points, res * res), dim=1).indices  # the most uncertain cells
             fr = frames if every else frames[active]
             d = None if dis is None else (dis if every else dis[active]).reshape(sub.shape[0], -1)
-            flat = self._repredict(feats, flat, idx, lambda i, j: frame_to_image(cell_centres(res, j)[:, None], fr[i])[:, 0],
-                                   d, sub, fr).reshape(-1, res, res)
+            coarse_p = torch.sigmoid(sub) if p.coarse_patch else None
+
+            def inputs(i: torch.Tensor, j: torch.Tensor) -> list[torch.Tensor]:
+                xy = frame_to_image(cell_centres(res, j)[:, None], fr[i])[:, 0]
+                return self.point_inputs(feats, xy, coarse_p, fr, i)
+
+            flat = self._repredict(flat, idx, inputs, d).reshape(-1, res, res)
             if every:
                 logits = flat
             else:
@@ -309,34 +293,28 @@ class PointRendRefiner(nn.Module):
         inside = in_regions(regions, h, w).reshape(n, -1)
         unc = torch.where(inside, -flat.abs(), torch.full_like(flat, -float("inf")))
         idx = unc.topk(min(p.points, h * w), dim=1).indices  # the most uncertain pixels of each region
-        chosen = flat.gather(1, idx)
-        keep = inside.gather(1, idx)  # a region smaller than ``points`` pixels: its padding is not chosen
-        if p.certain is not None:
-            keep &= chosen.abs() < p.certain
-        i, j = keep.nonzero(as_tuple=True)
-        if i.numel() == 0:
-            return flat.reshape(n, h, w)
-        cells = idx[i, j]
-        a, b = cells % w, cells // w  # the point's column and row in its region
-        d = maps[i, -1, b + r, a + r] if disagreement is not None else None
+        dis = maps[:, -1, r:r + h, r:r + w].reshape(n, -1) if disagreement is not None else None
         if self.features is None:
             ox, oy = self.offsets[:, 0].long(), self.offsets[:, 1].long()  # [K], row-major window order
             img = self.pad_window(feats) if padded is None else padded
             iw = img.shape[-1]
-            centre = (regions[i, 1] + b + r) * iw + (regions[i, 0] + a + r)  # the point's pixel in the padded image
-            lin = (centre[:, None] + (oy * iw + ox)[None]).reshape(-1)  # [M * K]
-            parts = list(img.reshape(img.shape[0], -1).index_select(1, lin).reshape(img.shape[0], -1, ox.numel()))
-            if p.coarse_patch:
-                centre = i * (hp * wp) + (b + r) * wp + (a + r)
-                lin = (centre[:, None] + (oy * wp + ox)[None]).reshape(-1)
-                c = maps[:, 1].reshape(-1).index_select(0, lin).reshape(-1, ox.numel())
-                parts.append(torch.logit(c.clamp_(EPS, 1 - EPS)).div_(4.0))
+
+            def inputs(i: torch.Tensor, cells: torch.Tensor) -> list[torch.Tensor]:
+                a, b = cells % w, cells // w  # the point's column and row in its region
+                centre = (regions[i, 1] + b + r) * iw + (regions[i, 0] + a + r)  # its pixel in the padded image
+                lin = (centre[:, None] + (oy * iw + ox)[None]).reshape(-1)  # [M * K]
+                parts = list(img.reshape(img.shape[0], -1).index_select(1, lin).reshape(img.shape[0], -1, ox.numel()))
+                if p.coarse_patch:
+                    centre = i * (hp * wp) + (b + r) * wp + (a + r)
+                    lin = (centre[:, None] + (oy * wp + ox)[None]).reshape(-1)
+                    c = maps[:, 1].reshape(-1).index_select(0, lin).reshape(-1, ox.numel())
+                    parts.append(torch.logit(c.clamp_(EPS, 1 - EPS)).div_(4.0))
+                return parts
         else:
-            xy = torch.stack([regions[i, 0] + a, regions[i, 1] + b], -1).to(frames.dtype) + 0.5
-            parts = self.point_inputs(feats, xy)
-        out = flat.clone()
-        out[i, cells] = self.head(parts, chosen[i, j], d)
-        return out.reshape(n, h, w)
+            def inputs(i: torch.Tensor, cells: torch.Tensor) -> list[torch.Tensor]:
+                xy = torch.stack([regions[i, 0] + cells % w, regions[i, 1] + cells // w], -1).to(frames.dtype) + 0.5
+                return self.point_inputs(feats, xy)
+        return self._repredict(flat, idx, inputs, dis, inside).reshape(n, h, w)
 
     def pad_window(self, feats: torch.Tensor) -> torch.Tensor:
         """fine=patch: the image [C, H, W] grown by half a window per side, edge pixels repeated
@@ -344,25 +322,24 @@ class PointRendRefiner(nn.Module):
         r = self.params.patch // 2
         return F.pad(feats[None], (r, r, r, r), mode="replicate")[0]
 
-    def _repredict(self, feats: torch.Tensor, flat: torch.Tensor, idx: torch.Tensor, where, dis: torch.Tensor | None,
-                   maps: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
+    def _repredict(self, flat: torch.Tensor, idx: torch.Tensor, inputs, dis: torch.Tensor | None,
+                   valid: torch.Tensor | None = None) -> torch.Tensor:
         """Re-predict the chosen cells ``idx`` [N, k] of flat logit maps ``flat`` [N, L], except
-        those already ``certain`` (|logit| at or above it): ``where(i, j)`` gives the image pixels
-        [M, 2] of cells j of instances i; ``dis`` [N, L] or None; ``maps`` [N, S, S] the logit
-        maps over ``frames`` the coarse window reads -> the updated ``flat``. The chosen points of
-        all instances go through the head as one flat list."""
+        those already ``certain`` (|logit| at or above it) or not ``valid`` ([N, L] bool, or None
+        for all): ``inputs(i, j)`` gives the head's fine blocks (``point_inputs``' order) for
+        cells j [M] of instances i [M]; ``dis`` [N, L] or None -> the updated ``flat``. The chosen
+        points of all instances go through the head as one flat list."""
         p = self.params
         chosen = flat.gather(1, idx)
-        keep = chosen.abs() < p.certain if p.certain is not None else torch.ones_like(chosen, dtype=torch.bool)
+        keep = torch.ones_like(chosen, dtype=torch.bool) if valid is None else valid.gather(1, idx)
+        if p.certain is not None:
+            keep &= chosen.abs() < p.certain
         i, j = keep.nonzero(as_tuple=True)
         if i.numel() == 0:
             return flat
         cells = idx[i, j]
-        d = None if dis is None else dis[i, cells]
-        extra = {"coarse": torch.sigmoid(maps), "frames": frames} if p.coarse_patch else {}
-        new = self.point_logits(feats, where(i, cells), chosen[i, j], d, inst=i, **extra)
         out = flat.clone()
-        out[i, cells] = new
+        out[i, cells] = self.head(inputs(i, cells), chosen[i, j], None if dis is None else dis[i, cells])
         return out
 
     def forward(self, images: Sequence[torch.Tensor], targets: Sequence[dict] | None = None) -> dict[str, torch.Tensor]:

@@ -20,7 +20,7 @@ from segpipe.config import ModelCard, PointRendParams
 from segpipe.modeling.base import NetworkHolder
 from segpipe.modeling.registry import register
 from segpipe.ops import masks as mask_ops
-from segpipe.refine.pointrend import PointRendRefiner, build_network, grow, in_regions, region_pixels
+from segpipe.refine.pointrend import PointRendRefiner, build_network, grow
 from segpipe.structures import SOFT_MASK_SIZE, Instances
 
 
@@ -110,7 +110,7 @@ class Refiner(NetworkHolder):
         else:
             maps = self.network.subdivide(feats, coarse, ft, dis, torch.from_numpy(self._useful_sizes(frames, p)).to(self.device))
             sel, reg = torch.from_numpy(ok).to(self.device), torch.from_numpy(regions[ok]).to(self.device)
-            self._paste(region_pixels(maps[sel][:, None], ft[sel], reg)[:, 0], regions[ok], ok, h, w, *out)
+            self._paste(mask_ops.region_pixels(maps[sel][:, None], ft[sel], reg)[:, 0], regions[ok], ok, h, w, *out)
         boxes, rles, probs = out
         return Instances(height=h, width=w, boxes=boxes.astype(np.float32), scores=inst.scores, labels=inst.labels,
                          masks=rles, mask_probs=probs)
@@ -124,7 +124,7 @@ class Refiner(NetworkHolder):
         thresholded at 0.5, its tight box and its box-frame soft mask. An instance whose refined
         mask is empty keeps its original one (refinement never loses an instance)."""
         m, ph, pw = px.shape
-        px = px * in_regions(torch.from_numpy(regions).to(px.device), ph, pw)
+        px = px * mask_ops.in_regions(torch.from_numpy(regions).to(px.device), ph, pw)
         keep = px >= 0.5
         rows, cols = keep.any(2), keep.any(1)  # [M, ph], [M, pw]
         nonempty = rows.any(1)
