@@ -106,6 +106,11 @@ def train_cmd(
     out: Annotated[Optional[str], typer.Option(help="card folder (default models/<name>)")] = None,
     work_dir: Annotated[str, typer.Option(help="data, checkpoints, logs")] = "runs/train",
     threads: Annotated[Optional[int], typer.Option(help="torch threads")] = None,
+    priors: Annotated[Optional[str], typer.Option(help="pointrend: a finished `segpipe run` over the training images; "
+                                                  "its fused predictions become the coarse masks the refiner learns from")] = None,
+    prior_iou: Annotated[float, typer.Option(help="pointrend --priors: mask IoU a prediction needs with the truth")] = 0.5,
+    refine_base: Annotated[Optional[str], typer.Option(help="pointrend: the zoo model whose val predictions score the "
+                                                       "refiner's card (default maskrcnn-<domain>)")] = None,
     param: Annotated[Optional[list[str]], typer.Option("--param", help="architecture override KEY=VALUE (YAML value) on "
                                                        "top of the recipe's params, e.g. --param channels=[8,16,32]; "
                                                        "repeatable")] = None,
@@ -124,18 +129,19 @@ def train_cmd(
         cfg = TrainConfig(
             method=method, domain=domain, data=data, iterations=iterations, batch_size=batch_size, lr=lr, crop=crop,
             seed=seed, train_n=train_n, train_seed=train_seed, val_n=val_n, val_seed=val_seed, name=name, out=out,
-            work_dir=work_dir, threads=threads, params=params,
+            work_dir=work_dir, threads=threads, params=params, priors=priors, prior_iou=prior_iou, refine_base=refine_base,
         )
         from segpipe.train.methods import METHODS
 
         METHODS[cfg.method].params.model_validate(cfg.params)  # a bad --param fails here, before any work
     except (ValidationError, ValueError) as e:
         _fail(_config_error(e))
+    from segpipe.refine.priors import PriorsError
     from segpipe.train.loop import CheckpointMismatchError
 
     try:
         card = train(cfg, log=lambda m: typer.echo(m), command=shell_command(sys.argv[1:]))
-    except (FileNotFoundError, CheckpointMismatchError) as e:
+    except (FileNotFoundError, CheckpointMismatchError, PriorsError) as e:
         _fail(str(e))
     typer.echo(f"card: {card}")
 

@@ -545,6 +545,9 @@ class PointRendParams(Strict):
                             "boundary (where a one-pixel error decides mask and Boundary IoU); the rest as ``importance``")
     mild: float = Field(0.0, ge=0, le=1, description="training: share of instances given sub-cell errors (those of a "
                         "good model or an ensemble seen through its soft mask) instead of coarse degradations")
+    prior_share: float = Field(1.0, ge=0, le=1, description="training with priors (``segpipe train pointrend --priors "
+                               "RUN``): share of the instances that have one (the zoo's fused prediction of the "
+                               "object) which learn from it instead of from a degraded copy of the truth")
     certain: float | None = Field(None, gt=0, description="inference: a chosen point whose logit magnitude is at least "
                                   "this is left as it is (|logit| 2 is p < 0.12 or > 0.88); None re-predicts every chosen point")
     render: Literal["grid", "pixels"] = Field("grid", description="inference: ``grid``, subdivide up to about one cell "
@@ -702,6 +705,11 @@ class TrainConfig(Strict):
     params: dict[str, Any] = Field(default_factory=dict, description="architecture overrides")
     refine_base: str | None = Field(None, description="pointrend: the zoo model whose val predictions the refiner is "
                                     "scored on (default <maskrcnn>-<domain>)")
+    priors: str | None = Field(None, description="pointrend: a finished segpipe run over the training images; its "
+                               "fused predictions matched to the ground truth become the coarse masks the refiner "
+                               "learns from (params.prior_share of them; the rest are degraded truth)")
+    prior_iou: float = Field(0.5, gt=0, le=1, description="pointrend with priors: the mask IoU a fused prediction needs "
+                             "with a ground-truth instance to become its prior")
 
     @model_validator(mode="before")
     @classmethod
@@ -718,6 +726,8 @@ class TrainConfig(Strict):
     def _seeds_apart(self) -> "TrainConfig":
         if self.val_seed == self.train_seed:
             raise ValueError("val_seed must differ from train_seed (validation must be unseen)")
+        if self.priors is not None and self.method != "pointrend":
+            raise ValueError(f"priors: only the pointrend refiner trains on a run's predictions, not {self.method}")
         return self
 
     @property

@@ -108,6 +108,35 @@ def test_train_writes_a_loadable_card(tmp_path):
     assert loaded.version().startswith("maskrcnn-test@")
 
 
+def test_train_pointrend_on_a_runs_predictions(demo_run, tmp_path):
+    """The session's demo run (maskrcnn-shapes + spatialemb-shapes fused, 8 images of seed 4242)
+    is the prior source of a refiner trained on the same 8 images: its fused predictions are
+    matched to the truth and recorded in the card; a non-refiner and a run of other images are refused."""
+    from conftest import TINY_POINTREND_PARAMS
+
+    from segpipe.refine.priors import load_priors
+
+    assert demo_run.exit_code == 0, demo_run.output
+    priors, summary = load_priors(str(demo_run.run), str(demo_run.gt), log=lambda m: None)
+    assert summary["images"] == 8 and summary["matched"] >= 0.8 * summary["instances"] and summary["mean_iou"] > 0.8
+    assert summary["models"][0].startswith("maskrcnn-shapes@") and summary["ensemble"]["method"] == "soft"
+    assert all(p.maps.shape == (2, 28, 28) and p.iou >= 0.5 for got in priors.values() for p in got.values())
+    params = [x for k, v in TINY_POINTREND_PARAMS.items() for x in ("--param", f"{k}={json.dumps(v)}")]
+    out = tmp_path / "refiner"
+    r = invoke("train", "pointrend", "--domain", "shapes", "--iterations", 2, "--batch-size", 2, "--train-n", 8,
+               "--train-seed", 4242, "--val-n", 2, "--priors", demo_run.run, "--out", out, "--work-dir", tmp_path / "work",
+               "--name", "pointrend-test", *params, "--param", "prior_share=0.5")
+    assert r.exit_code == 0, r.output
+    card = yaml.safe_load((out / "card.yaml").read_text())
+    assert card["training"]["data"]["priors"]["matched"] == summary["matched"] and card["params"]["prior_share"] == 0.5
+    assert card["training"]["config"]["priors"] == str(demo_run.run)
+    r = invoke("train", "maskrcnn", "--priors", demo_run.run, "--out", tmp_path / "m", "--work-dir", tmp_path / "w2")
+    assert r.exit_code == 2 and "priors" in r.output
+    r = invoke("train", "pointrend", "--iterations", 1, "--train-n", 4, "--train-seed", 5, "--priors", demo_run.run,
+               "--out", tmp_path / "p", "--work-dir", tmp_path / "w3", *params)
+    assert r.exit_code == 2 and "labelled none of the images" in r.output
+
+
 def test_train_refuses_to_resume_a_checkpoint_of_another_recipe(tmp_path):
     """Same work dir and name, another architecture: resuming would write a card whose weights
     do not match its params, so training stops and says why; the same recipe resumes."""

@@ -74,6 +74,20 @@ def test_list_source_max_images_and_shards(tmp_path: Path):
     assert [f.shard for f in cut] == [0, 0, 0, 1]
 
 
+def test_list_source_follows_symlinks_to_files(tree: Path, tmp_path: Path):
+    """A folder of links to images elsewhere lists like the images; a dangling link or a link to
+    a folder is not an image."""
+    links = tmp_path / "links"
+    links.mkdir()
+    (links / "b.jpg").symlink_to(tree / "b.jpg")
+    (links / "d.jpg").symlink_to(tree / "sub" / "d.jpg")
+    (links / "gone.jpg").symlink_to(tmp_path / "missing.jpg")
+    (links / "dir.jpg").symlink_to(tree / "sub")
+    files = list_source(str(links), patterns=PATS)
+    assert {f.relpath: f.size for f in files} == {"b.jpg": 3, "d.jpg": 11}
+    assert [f.uri for f in files] == [str(links / "b.jpg"), str(links / "d.jpg")]
+
+
 def test_list_source_missing_raises(tmp_path: Path):
     with pytest.raises(FileNotFoundError):
         list_source(str(tmp_path / "nope"), patterns=PATS)

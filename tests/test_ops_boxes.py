@@ -189,3 +189,22 @@ def test_box_iou_bad_shapes_name_the_argument():
         box_ops.box_iou(np.zeros((2, 3)), np.zeros((2, 4)))
     with pytest.raises(ValueError, match=r"^b:.*\[4\]"):
         box_ops.box_iou(np.zeros((2, 4)), np.zeros((4,)))
+
+
+def test_box_flips_and_turns_follow_numpy_on_the_image():
+    """A box moved by hflip/vflip/rot90 is the tight box of the same pixels moved by numpy."""
+    from segpipe.ops.boxes import hflip_boxes, rot90_boxes, vflip_boxes
+
+    h, w = 7, 11
+    img = np.zeros((h, w), bool)
+    img[1:4, 2:9] = True
+    box = np.array([[2, 1, 9, 4]], np.float32)
+
+    def tight(m):
+        ys, xs = np.nonzero(m)
+        return [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1]
+
+    assert hflip_boxes(box, w)[0].tolist() == tight(img[:, ::-1])
+    assert vflip_boxes(box, h)[0].tolist() == tight(img[::-1])
+    for k in range(5):
+        assert rot90_boxes(box, k, h, w)[0].tolist() == tight(np.rot90(img, k)), k

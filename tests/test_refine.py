@@ -360,3 +360,134 @@ def test_min_score_leaves_low_scoring_instances_as_they_were():
     out = Refiner(_OracleHead(p).eval()).refine(np.zeros((h, w, 3), np.uint8), inst, None, 0.05)
     assert out.masks[1] == inst.masks[1] and (out.boxes[1] == box[1]).all() and (out.mask_probs[1] == probs[1]).all()
     assert abs(int(mask_ops.area(out.masks[:1])[0]) - np.pi * 30**2) < 30  # the oracle's disc (r 30 px), not the square
+
+
+# --- priors: the zoo's own predictions as training input ---------------------------------------
+
+
+def _l_shapes(h: int = 40, w: int = 50) -> list[np.ndarray]:
+    """Two asymmetric objects (an L and a wedge), so a wrong flip or turn shows."""
+    a = np.zeros((h, w), np.uint8)
+    a[5:20, 6:10] = 1
+    a[16:20, 6:22] = 1
+    b = np.zeros((h, w), np.uint8)
+    for y in range(24, 38):
+        b[y, 30 : 30 + (y - 22)] = 1
+    return [a, b]
+
+
+def _tiny_coco(tmp_path, masks):
+    import json
+
+    from PIL import Image
+
+    from segpipe.ops import masks as mask_ops
+
+    h, w = masks[0].shape
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / "images" / "a.png")
+    anns = []
+    for k, m in enumerate(masks):
+        rle = mask_ops.encode(m[None])[0]
+        ys, xs = np.nonzero(m)
+        anns.append({"id": 10 + k, "image_id": 1, "category_id": 1, "iscrowd": 0, "area": int(m.sum()),
+                     "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)],
+                     "segmentation": {"size": [h, w], "counts": rle["counts"].decode() if isinstance(rle["counts"], bytes) else rle["counts"]}})
+    doc = {"images": [{"id": 1, "file_name": "a.png", "height": h, "width": w}], "annotations": anns,
+           "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "ann.json").write_text(json.dumps(doc))
+    return tmp_path / "ann.json"
+
+
+def test_dataset_priors_follow_the_crop_flips_and_turns(tmp_path):
+    """Each prior (the object's box-frame map, as a fused prediction would give it) stays on its
+    object through random crops, flips and quarter turns; an object the crop cuts has none."""
+    from segpipe.data.coco import CocoInstances
+    from segpipe.ops.masks import crop_to_box_frame
+    from segpipe.refine.priors import Prior
+
+    masks = _l_shapes()
+    ann = _tiny_coco(tmp_path, masks)
+    priors = {"a.png": {}}
+    for k, m in enumerate(masks):
+        ys, xs = np.nonzero(m)
+        box = np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float32)
+        fm = crop_to_box_frame(m.astype(np.float32), box, 28)
+        priors["a.png"][10 + k] = Prior(box=box, maps=np.stack([fm, 1 - fm]).astype(np.float16), iou=1.0)
+    seen_cut = seen = 0
+    for crop in (None, 32):
+        ds = CocoInstances(str(ann), str(tmp_path / "images"), category_ids=[1], flips=True, crop=crop, priors=priors)
+        for epoch in range(12):
+            ds.set_epoch(epoch)
+            _, t = ds[0]
+            assert t["prior_boxes"].shape == (len(t["masks"]), 4) and t["prior_maps"].shape == (len(t["masks"]), 2, 28, 28)
+            for k in range(len(t["masks"])):
+                if not bool(t["prior"][k]):
+                    seen_cut += 1
+                    assert t["masks"][k].sum() < max(m.sum() for m in masks)  # only a cut object lacks its prior
+                    continue
+                seen += 1
+                box = t["prior_boxes"][k].numpy()
+                again = crop_to_box_frame(t["masks"][k].numpy().astype(np.float32), box, 28)
+                got = t["prior_maps"][k].float().numpy()
+                assert np.abs(again - got[0]).mean() < 0.02 and np.abs((1 - again) - got[1]).mean() < 0.02
+    assert seen >= 12 and seen_cut >= 1
+
+
+def test_match_priors_pairs_each_truth_with_its_best_prediction():
+    """Greedy one-to-one by mask IoU: of two predictions of one object the closer one wins; a
+    prediction under min_iou or under min_score is nobody's prior."""
+    from segpipe.ensemble.fuse import Fused
+    from segpipe.ops import masks as mask_ops
+    from segpipe.refine.priors import match_priors
+    from segpipe.structures import Instances
+
+    a, b = _l_shapes()
+    a_fat = a.copy()
+    a_fat[4:21, 5:11] = 1  # a close but looser copy of a
+    stray = np.zeros_like(a)
+    stray[0:3, 40:48] = 1
+    preds = [a_fat, a, b, stray]
+    scores = np.array([0.9, 0.8, 0.7, 0.95], np.float32)
+    rles = mask_ops.encode(np.stack(preds))
+    boxes = np.array([[xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] for ys, xs in (np.nonzero(m) for m in preds)], np.float32)
+    probs = np.full((4, 28, 28), 0.25, np.float16) * np.arange(1, 5, dtype=np.float16)[:, None, None]
+    inst = Instances(height=40, width=50, boxes=boxes, scores=scores, labels=np.ones(4, np.int64), masks=rles, mask_probs=probs)
+    fused = Fused(instances=inst, spread=np.zeros((4, 28, 28), np.float16))
+    gt = mask_ops.encode(np.stack([a, b]))
+    got = match_priors(fused, gt, [10, 11])
+    assert set(got) == {10, 11}
+    assert got[10].iou == pytest.approx(1.0) and float(got[10].maps[0, 0, 0]) == 0.5  # the exact copy, not the fat one
+    assert float(got[11].maps[0, 0, 0]) == 0.75 and got[11].box.tolist() == boxes[2].tolist()
+    assert got[10].maps.shape == (2, 28, 28) and got[10].maps.dtype == np.float16
+    assert set(match_priors(fused, gt, [10, 11], min_score=0.85)) == {10}  # only the fat copy of a is left: IoU > 0.5
+    assert match_priors(fused, gt, [10, 11], min_iou=1.01) == {}
+
+
+def test_prior_share_decides_which_coarse_mask_the_head_learns_from():
+    """With prior_share 1 an instance with a prior is read through it (here a wrong prior that
+    says "certainly outside" all over the object's box); with 0 it gets a degraded copy of the truth."""
+    torch.manual_seed(0)
+    m = torch.zeros((1, 32, 32), dtype=torch.bool)
+    m[0, 8:20, 10:24] = True
+    prior = (torch.tensor([[10.0, 8.0, 24.0, 20.0]]), torch.stack([torch.full((28, 28), 0.001), torch.zeros(28, 28)])[None],
+             torch.tensor([True]))
+    seen = {}
+
+    class Spy(PointRendRefiner):
+        def point_logits(self, feats, xy, coarse_logit, disagreement, **kw):
+            seen["coarse"], seen["xy"] = coarse_logit, xy
+            return super().point_logits(feats, xy, coarse_logit, disagreement, **kw)
+
+    for share in (1.0, 0.0):
+        net = Spy(PointRendParams.model_validate(TINY | {"prior_share": share}))
+        loss = net._instance_loss(net.image_features([torch.rand(3, 32, 32)])[0], m, prior)
+        loss.backward()
+        xy = seen["xy"][0]
+        inside = (xy[:, 0] > 12) & (xy[:, 0] < 22) & (xy[:, 1] > 10) & (xy[:, 1] < 18)
+        c = seen["coarse"][0][inside]
+        assert c.numel() > 0
+        if share == 1.0:
+            assert bool((c < -5.0).all())  # logit of 0.001 everywhere inside the prior's box
+        else:
+            assert not bool((c < -5.0).any())  # a degraded copy of the truth keeps the interior

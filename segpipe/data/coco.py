@@ -12,9 +12,12 @@ import json
 import numpy as np
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 from segpipe.io.fs import resolve
+from segpipe.ops import boxes as box_ops
 from segpipe.ops import masks as mask_ops
+from segpipe.structures import SOFT_MASK_SIZE
 
 
 def read_json(uri: str) -> dict:
@@ -32,10 +35,16 @@ class CocoInstances(torch.utils.data.Dataset):
     instances cut by the window keep their visible part (at least ``min_visible_px`` pixels).
     ``flips``: random horizontal/vertical flips and 90-degree rotations. Randomness is a pure
     function of (seed, epoch, index); call ``set_epoch`` each epoch.
+
+    ``priors`` ({file_name: {annotation id: prior}}, a prior having ``box`` xyxy [4] and box-frame
+    ``maps`` [C, S, S], as ``segpipe.refine.priors`` makes them): the target also holds
+    prior_boxes float32 [N, 4] (moved with the crop, flips and turns), prior_maps float16
+    [N, C, S, S] (turned alike) and prior bool [N]: whether the instance has one (not when the
+    crop cuts the instance, whose prior covers what the crop lost).
     """
 
     def __init__(self, ann_uri: str, image_dir: str, *, category_ids: list[int], flips: bool = False,
-                 crop: int | None = None, min_visible_px: int = 4, seed: int = 0):
+                 crop: int | None = None, min_visible_px: int = 4, seed: int = 0, priors: dict | None = None):
         data = read_json(str(ann_uri))
         self.image_dir = str(image_dir).rstrip("/")
         self.images = data["images"]
@@ -48,6 +57,7 @@ class CocoInstances(torch.utils.data.Dataset):
         self.crop = crop
         self.min_visible_px = min_visible_px
         self.seed = seed
+        self.priors = priors
         self.epoch = 0
         self._fs = None
 
@@ -76,9 +86,14 @@ class CocoInstances(torch.utils.data.Dataset):
             x0 = int(rng.integers(0, max(w - cw, 0) + 1))
             anns = [a for a in anns if _box_meets(a.get("bbox"), x0, y0, cw, ch)]
         masks = np.zeros((len(anns), ch, cw), np.uint8)
+        whole = np.ones(len(anns), bool)
         for k, a in enumerate(anns):  # decode one at a time and crop at once: memory O(H*W), not O(N*H*W)
-            m = mask_ops.decode([_rle(a["segmentation"], h, w)])[0, y0 : y0 + ch, x0 : x0 + cw]
+            rle = ann_rle(a["segmentation"], h, w)
+            m = mask_ops.decode([rle])[0, y0 : y0 + ch, x0 : x0 + cw]
             masks[k, : m.shape[0], : m.shape[1]] = m
+            if self.priors is not None:
+                whole[k] = int(m.sum()) >= int(mask_utils.area(rle))
+        pri = self._priors(info["file_name"], anns, whole, x0, y0) if self.priors is not None else None
         if self.crop:
             canvas = np.zeros((ch, cw, 3), np.uint8)
             part = img[y0 : y0 + ch, x0 : x0 + cw]
@@ -88,9 +103,15 @@ class CocoInstances(torch.utils.data.Dataset):
         if self.flips:
             if rng.uniform() < 0.5:
                 img, masks = img[:, ::-1], masks[:, :, ::-1]
+                if pri is not None:
+                    pri = (box_ops.hflip_boxes(pri[0], img.shape[1]), pri[1][..., ::-1], pri[2])
             if rng.uniform() < 0.5:
                 img, masks = img[::-1], masks[:, ::-1]
+                if pri is not None:
+                    pri = (box_ops.vflip_boxes(pri[0], img.shape[0]), pri[1][..., ::-1, :], pri[2])
             k = int(rng.integers(4))
+            if pri is not None:
+                pri = (box_ops.rot90_boxes(pri[0], k, *img.shape[:2]), np.rot90(pri[1], k, (-2, -1)), pri[2])
             img, masks = np.rot90(img, k, (0, 1)), np.rot90(masks, k, (1, 2))
         keep = masks.reshape(len(masks), -1).sum(1) >= self.min_visible_px if len(masks) else np.zeros(0, bool)
         masks, labels = masks[keep], labels[keep]
@@ -100,8 +121,29 @@ class CocoInstances(torch.utils.data.Dataset):
             "labels": torch.from_numpy(labels),
             "masks": torch.from_numpy(np.ascontiguousarray(masks)),
         }
+        if pri is not None:
+            target |= {"prior_boxes": torch.from_numpy(np.ascontiguousarray(pri[0][keep], dtype=np.float32)),
+                       "prior_maps": torch.from_numpy(np.ascontiguousarray(pri[1][keep])),
+                       "prior": torch.from_numpy(pri[2][keep])}
         image = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)
         return image, target
+
+
+    def _priors(self, file_name: str, anns: list[dict], whole: np.ndarray, x0: int, y0: int):
+        """The priors of ``anns`` (in order) in the crop window at (x0, y0) -> (boxes float32
+        [N, 4], maps float16 [N, C, S, S], has bool [N]); only ``whole`` (uncut) instances have one."""
+        mine = self.priors.get(file_name, {})
+        some = next(iter(mine.values()), None)
+        c, s = (some.maps.shape[0], some.maps.shape[-1]) if some is not None else (2, SOFT_MASK_SIZE)
+        boxes = np.zeros((len(anns), 4), np.float32)
+        maps = np.zeros((len(anns), c, s, s), np.float16)
+        has = np.zeros(len(anns), bool)
+        for k, a in enumerate(anns):
+            p = mine.get(a.get("id"))
+            if p is not None and whole[k]:
+                boxes[k] = np.asarray(p.box, np.float32) - np.array([x0, y0, x0, y0], np.float32)
+                maps[k], has[k] = p.maps, True
+        return boxes, maps, has
 
 
 def _box_meets(bbox, x0: int, y0: int, w: int, h: int) -> bool:
@@ -112,14 +154,14 @@ def _box_meets(bbox, x0: int, y0: int, w: int, h: int) -> bool:
     return bx < x0 + w and bx + bw > x0 and by < y0 + h and by + bh > y0
 
 
-def _rle(seg, h: int, w: int) -> dict:
-    from pycocotools import mask as mu
-
+def ann_rle(seg, h: int, w: int) -> dict:
+    """A COCO annotation's segmentation (polygons, uncompressed or compressed RLE) of an ``h`` x
+    ``w`` image -> compressed RLE (counts as bytes)."""
     if isinstance(seg, list):  # polygons
-        return mu.merge(mu.frPyObjects(seg, h, w))
+        return mask_utils.merge(mask_utils.frPyObjects(seg, h, w))
     if isinstance(seg["counts"], list):  # uncompressed RLE
-        return mu.frPyObjects(seg, h, w)
-    return seg
+        return mask_utils.frPyObjects(seg, h, w)
+    return {"size": list(seg["size"]), "counts": seg["counts"].encode() if isinstance(seg["counts"], str) else seg["counts"]}
 
 
 def _mask_boxes(masks: np.ndarray) -> np.ndarray:

@@ -146,18 +146,22 @@ def fuse_image(outputs: Sequence[ModelOutput], cfg: EnsembleConfig) -> Fused:
     weights = [cfg.weights.get(o.name, 1.0) for o in outputs]
     total = float(sum(weights))
     iou = pairwise_iou(outputs)
-    rows = []
-    for group in match_groups(outputs, cfg, iou):
-        if len(group) < cfg.min_votes:
-            continue
+    groups = [g for g in match_groups(outputs, cfg, iou) if len(g) >= cfg.min_votes]
+    soft = [outputs[m].instances.mask_probs is not None and outputs[m].instances.mask_probs.shape[-1] == SOFT_MASK_SIZE
+            for m in range(len(outputs))]
+    found: list[dict | None] = [None] * len(groups)
+    batched = []  # soft fusion of groups whose members all carry soft masks: all at once
+    for k, group in enumerate(groups):
         m, i = group[0]
-        probs = outputs[m].instances.mask_probs
-        if len(group) == 1 and probs is not None and probs.shape[-1] == SOFT_MASK_SIZE:
-            row = _pass_through(outputs[m], weights[m], total, i, cfg)
+        if len(group) == 1 and soft[m]:
+            found[k] = _pass_through(outputs[m], weights[m], total, i, cfg)
+        elif cfg.method == "soft" and all(soft[mm] for mm, _ in group):
+            batched.append(k)
         else:
-            row = _fuse_group(outputs, weights, total, group, cfg, h, w, iou)
-        if row is not None:
-            rows.append(row)
+            found[k] = _fuse_group(outputs, weights, total, group, cfg, h, w, iou)
+    for k, row in zip(batched, _fuse_soft([groups[k] for k in batched], outputs, weights, total, cfg, h, w, iou)):
+        found[k] = row
+    rows = [r for r in found if r is not None]
     if cfg.rank == "confidence":
         for r in rows:
             r["score"] = r["confidence"]
@@ -212,6 +216,107 @@ def group_probs(insts: Sequence[Instances], idx: Sequence[int], region: tuple[in
     inside = (((ys[None] >= boxes[:, 1:2]) & (ys[None] < boxes[:, 3:4]))[:, :, None]
               & ((xs[None] >= boxes[:, 0:1]) & (xs[None] < boxes[:, 2:3]))[:, None, :])
     return np.where(inside, probs, 0.0).astype(np.float32)
+
+
+def _fuse_soft(groups: Sequence[list[tuple[int, int]]], outputs: Sequence[ModelOutput], weights: Sequence[float],
+               total: float, cfg: EnsembleConfig, h: int, w: int, iou: dict) -> list[dict | None]:
+    """``soft`` fusion of many groups at once, every member with a box-frame soft mask: what
+    ``_fuse_group`` does to each, with the members of all groups resampled, averaged, thresholded,
+    boxed, encoded and framed in a few batched calls (groups batched by region size, as the
+    refiner does) -> one row (or None: empty or outside the image) per group, in order."""
+    if not groups:
+        return []
+    gm = [(g, m, i) for g, group in enumerate(groups) for m, i in group]
+    gi = np.asarray([g for g, _, _ in gm], np.int64)  # each member's group, [M]
+    insts = [outputs[m].instances for _, m, _ in gm]
+    boxes = np.stack([ins.boxes[i] for ins, (_, _, i) in zip(insts, gm)]).astype(np.float32)  # [M, 4]
+    maps = np.stack([ins.mask_probs[i] for ins, (_, _, i) in zip(insts, gm)]).astype(np.float32)  # [M, S, S]
+    strength = np.asarray([weights[m] * float(ins.scores[i]) for ins, (_, m, i) in zip(insts, gm)], np.float64)
+    n_g, count = len(groups), np.bincount(gi, minlength=len(groups)).astype(np.float64)
+    denom = np.bincount(gi, strength, minlength=n_g)
+    share = np.where(denom[gi] > 0, strength / np.where(denom[gi] > 0, denom[gi], 1.0), 1.0 / count[gi])  # [M]
+    lo = np.maximum(np.floor(np.minimum.reduceat(boxes[:, :2], np.r_[0, np.cumsum(count[:-1])].astype(np.int64))), 0)
+    hi = np.ceil(np.maximum.reduceat(boxes[:, 2:], np.r_[0, np.cumsum(count[:-1])].astype(np.int64)))
+    regions = np.concatenate([lo, np.minimum(hi, [w, h])], 1).astype(np.int64)  # [G, 4], each group's members' union box
+    ok = np.nonzero((regions[:, 2] > regions[:, 0]) & (regions[:, 3] > regions[:, 1]))[0]
+    out: list[dict | None] = [None] * n_g
+    side = (regions[ok, 2:] - regions[ok, :2]).max(1) if len(ok) else np.zeros(0)
+    bucket = np.ceil(np.log2(np.maximum(side, 32) / 32)).astype(np.int64)
+    fused_rle: dict[int, dict] = {}
+    for b in np.unique(bucket):
+        gs = ok[bucket == b]
+        local = np.full(n_g, -1, np.int64)
+        local[gs] = np.arange(len(gs))
+        ms = np.nonzero(local[gi] >= 0)[0]
+        reg = torch.from_numpy(regions[gs])
+        px = mask_ops.region_pixels(torch.from_numpy(maps[ms])[:, None], torch.from_numpy(boxes[ms]), reg[local[gi[ms]]])[:, 0]
+        hh, ww = px.shape[-2:]
+        mb = torch.from_numpy(boxes[ms])
+        xs = reg[local[gi[ms]], 0:1].float() + torch.arange(ww, dtype=torch.float32) + 0.5  # [Mb, ww] pixel centres
+        ys = reg[local[gi[ms]], 1:2].float() + torch.arange(hh, dtype=torch.float32) + 0.5
+        inside = (((ys >= mb[:, 1:2]) & (ys < mb[:, 3:4]))[:, :, None] & ((xs >= mb[:, 0:1]) & (xs < mb[:, 2:3]))[:, None, :])
+        px = px * inside  # 0 outside each member's box
+        li = torch.from_numpy(local[gi[ms]])
+        k = torch.from_numpy(count[gs]).float()[:, None, None]
+        fused = torch.zeros((len(gs), hh, ww)).index_add_(0, li, px * torch.from_numpy(share[ms]).float()[:, None, None])
+        mean = torch.zeros((len(gs), hh, ww)).index_add_(0, li, px) / k
+        spread = (torch.zeros((len(gs), hh, ww)).index_add_(0, li, px * px) / k - mean * mean).clamp_(min=0).sqrt_()
+        inr = mask_ops.in_regions(reg, hh, ww)
+        fused, spread = fused * inr, spread * inr
+        keep = fused >= cfg.mask_thresh
+        rows, cols = keep.any(2), keep.any(1)
+        nonempty = rows.any(1).numpy()
+        ty0, tx0 = rows.to(torch.uint8).argmax(1), cols.to(torch.uint8).argmax(1)
+        ty1, tx1 = hh - rows.flip(1).to(torch.uint8).argmax(1), ww - cols.flip(1).to(torch.uint8).argmax(1)
+        tight = torch.stack([tx0, ty0, tx1, ty1], 1).float()  # [Gb, 4] in region pixels
+        c = (torch.arange(SOFT_MASK_SIZE, dtype=torch.float32) + 0.5) / SOFT_MASK_SIZE
+        gx = (tight[:, 0:1] + c * (tight[:, 2:3] - tight[:, 0:1])) / ww * 2 - 1
+        gy = (tight[:, 1:2] + c * (tight[:, 3:4] - tight[:, 1:2])) / hh * 2 - 1
+        grid = torch.stack([gx[:, None, :].expand(-1, SOFT_MASK_SIZE, -1), gy[:, :, None].expand(-1, -1, SOFT_MASK_SIZE)], -1)
+        frames = F.grid_sample(torch.stack([fused, spread], 1), grid, mode="bilinear", padding_mode="zeros",
+                               align_corners=False).numpy()
+        done = np.nonzero(nonempty)[0]
+        rles = mask_ops.encode_stack(keep.numpy()[done], regions[gs[done], 0], regions[gs[done], 1], h, w)
+        tight_np = tight.numpy().astype(np.int64)
+        for j, rle in zip(done, rles):
+            g = int(gs[j])
+            x0, y0 = int(regions[g, 0]), int(regions[g, 1])
+            fused_rle[g] = rle
+            out[g] = {"box": (x0 + int(tight_np[j, 0]), y0 + int(tight_np[j, 1]), x0 + int(tight_np[j, 2]), y0 + int(tight_np[j, 3])),
+                      "rle": rle, "probs": frames[j, 0], "spread": frames[j, 1]}
+    if not fused_rle:
+        return out
+    made = sorted(fused_rle)
+    col = {g: n for n, g in enumerate(made)}
+    mine = np.nonzero(np.isin(gi, made))[0]
+    member_iou = mask_ops.iou([insts[j].masks[gm[j][2]] for j in mine], [fused_rle[g] for g in made])  # [M', G']
+    to_fused = {int(j): float(member_iou[n, col[int(gi[j])]]) for n, j in enumerate(mine)}
+    start = 0
+    for g, group in enumerate(groups):
+        rows_of = range(start, start + len(group))
+        start += len(group)
+        if out[g] is None:
+            continue
+        members = [Member(model=outputs[m].name, model_version=outputs[m].version, score=float(outputs[m].instances.scores[i]),
+                          iou=to_fused[j]) for j, (m, i) in zip(rows_of, group)]
+        agreement = float(np.mean([iou[(ma, mb)][ia, ib] for (ma, ia), (mb, ib) in combinations(group, 2)])) if len(group) > 1 else None
+        score = float(strength[list(rows_of)].sum() / total)
+        if cfg.class_agnostic:
+            label = _majority_label([(int(outputs[m].instances.labels[i]), float(strength[j])) for j, (m, i) in zip(rows_of, group)])
+        else:
+            m0, i0 = group[0]
+            label = int(outputs[m0].instances.labels[i0])
+        out[g] |= {"score": score, "label": label, "members": members, "agreement": agreement,
+                   "confidence": score * (agreement if agreement is not None else 1.0)}
+    return out
+
+
+def _majority_label(votes: Sequence[tuple[int, float]]) -> int:
+    """The label with the most strength (weight x score) among (label, strength) votes; ties to the smallest label."""
+    by: dict[int, float] = {}
+    for label, s in votes:
+        by[label] = by.get(label, 0.0) + s
+    return max(sorted(by), key=lambda c: by[c])
 
 
 def _binary_iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -280,10 +385,7 @@ def _fuse_group(outputs, weights, total, group, cfg: EnsembleConfig, h: int, w: 
     agreement = float(np.mean([iou[(ma, mb)][ia, ib] for (ma, ia), (mb, ib) in combinations(group, 2)])) if len(group) > 1 else None
     score = float(strength.sum() / total)
     if cfg.class_agnostic:
-        votes_by_label: dict[int, float] = {}
-        for ins, i, s in zip(insts, idx, strength):
-            votes_by_label[int(ins.labels[i])] = votes_by_label.get(int(ins.labels[i]), 0.0) + float(s)
-        label = max(sorted(votes_by_label), key=lambda c: votes_by_label[c])
+        label = _majority_label([(int(ins.labels[i]), float(s)) for ins, i, s in zip(insts, idx, strength)])
     else:
         label = int(insts[0].labels[idx[0]])
     frames = mask_ops.crop_to_box_frame(np.stack([fused_p, np.std(probs, 0)]).astype(np.float32), local_box, SOFT_MASK_SIZE)

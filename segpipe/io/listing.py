@@ -47,7 +47,7 @@ def list_source(uri: str, *, patterns: list[str], recursive: bool = True, max_im
         entries = fs.find(root, maxdepth=None if recursive else 1, detail=True)
         base = root.rstrip("/")
     pats = [p.lower() for p in patterns]
-    paths = sorted(p for p, info in entries.items() if info.get("type") == "file" and _matches(p, pats))
+    paths = sorted(p for p, info in entries.items() if _is_file(fs, p, info) and _matches(p, pats))
     if max_images is not None:
         paths = paths[:max_images]
     out = []
@@ -67,6 +67,14 @@ def list_source(uri: str, *, patterns: list[str], recursive: bool = True, max_im
             )
         )
     return out
+
+
+def _is_file(fs: fsspec.AbstractFileSystem, path: str, info: dict) -> bool:
+    """A regular file, or (local disks) a symbolic link to one: fsspec lists links as type
+    "other", and a folder of links to a dataset elsewhere is a common way to select images."""
+    if info.get("type") == "file":
+        return True
+    return bool(info.get("islink")) and fs.isfile(path)
 
 
 def _matches(path: str, patterns: list[str]) -> bool:

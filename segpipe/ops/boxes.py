@@ -49,3 +49,26 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     inter = wh[..., 0] * wh[..., 1]
     union = box_area(a)[:, None] + box_area(b)[None, :] - inter
     return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0).astype(np.float32)
+
+
+def hflip_boxes(boxes: np.ndarray, width: int) -> np.ndarray:
+    """xyxy boxes [N, 4] (pixels) of an image ``width`` wide, mirrored left-right (``img[:, ::-1]``)."""
+    check_shape(boxes, ["N", 4], "boxes")
+    return np.stack([width - boxes[:, 2], boxes[:, 1], width - boxes[:, 0], boxes[:, 3]], 1)
+
+
+def vflip_boxes(boxes: np.ndarray, height: int) -> np.ndarray:
+    """xyxy boxes [N, 4] (pixels) of an image ``height`` tall, mirrored top-bottom (``img[::-1]``)."""
+    check_shape(boxes, ["N", 4], "boxes")
+    return np.stack([boxes[:, 0], height - boxes[:, 3], boxes[:, 2], height - boxes[:, 1]], 1)
+
+
+def rot90_boxes(boxes: np.ndarray, k: int, height: int, width: int) -> np.ndarray:
+    """xyxy boxes [N, 4] (pixels) of a ``height`` x ``width`` image turned as ``np.rot90(img, k)``
+    (k quarter turns counter-clockwise; the point (x, y) goes to (y, W - x) per turn)."""
+    check_shape(boxes, ["N", 4], "boxes")
+    out = np.asarray(boxes, dtype=np.float32)
+    for _ in range(k % 4):
+        out = np.stack([out[:, 1], width - out[:, 2], out[:, 3], width - out[:, 0]], 1)
+        height, width = width, height
+    return out

@@ -236,6 +236,19 @@ def region_pixels(maps: torch.Tensor, frames: torch.Tensor, regions: torch.Tenso
     return F.grid_sample(maps, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def box_maps_to_frames(maps: torch.Tensor, boxes: torch.Tensor, frames: torch.Tensor, size: int) -> torch.Tensor:
+    """Box-frame maps [N, S, S] spanning xyxy ``boxes`` [N, 4] (pixels), sampled bilinearly at
+    the ``size`` x ``size`` cell centres of xyxy ``frames`` [N, 4] (zero outside each box) ->
+    [N, size, size] (the refiner's coarse map of an instance, from its box-frame soft mask)."""
+    c = (torch.arange(size, dtype=frames.dtype, device=frames.device) + 0.5) / size
+    xs = frames[:, None, 0] + c[None] * (frames[:, 2] - frames[:, 0])[:, None]  # [N, size] image x of the cell centres
+    ys = frames[:, None, 1] + c[None] * (frames[:, 3] - frames[:, 1])[:, None]
+    gx = (xs - boxes[:, None, 0]) / (boxes[:, 2] - boxes[:, 0]).clamp(min=1e-6)[:, None] * 2 - 1  # in the box frame
+    gy = (ys - boxes[:, None, 1]) / (boxes[:, 3] - boxes[:, 1]).clamp(min=1e-6)[:, None] * 2 - 1
+    grid = torch.stack([gx[:, None, :].expand(-1, size, -1), gy[:, :, None].expand(-1, -1, size)], -1)
+    return F.grid_sample(maps[:, None].to(frames.dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
+
+
 def in_regions(regions: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Which cells of [N, h, w] region maps (``region_pixels`` with no pad) lie inside each
     integer region (xyxy [N, 4]) -> bool [N, h, w]."""

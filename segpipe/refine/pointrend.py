@@ -36,7 +36,7 @@ from segpipe.modeling.batching import pad_batch
 from segpipe.modeling.embednet import EmbedUNet
 from segpipe.modeling.instance_classifier import grow_boxes as grow  # the frame: the box grown by margin per side
 from segpipe.modeling.instance_classifier import tight_boxes
-from segpipe.ops.masks import in_regions, region_pixels
+from segpipe.ops.masks import box_maps_to_frames, in_regions, region_pixels
 from segpipe.refine.degrade import degrade
 
 EPS = 1e-4
@@ -349,28 +349,45 @@ class PointRendRefiner(nn.Module):
         losses = []
         for b, t in enumerate(targets):
             masks = t["masks"].to(feats.device).bool()
-            keep = masks.flatten(1).any(1)
-            masks = masks[keep]
-            if masks.shape[0] > self.params.max_train_instances:
-                masks = masks[torch.randperm(masks.shape[0])[: self.params.max_train_instances]]
-            if masks.shape[0] == 0:
+            keep = torch.nonzero(masks.flatten(1).any(1))[:, 0]
+            if keep.numel() > self.params.max_train_instances:
+                keep = keep[torch.randperm(keep.numel(), device=keep.device)[: self.params.max_train_instances]]
+            if keep.numel() == 0:
                 continue
-            losses.append(self._instance_loss(feats[b], masks))
+            prior = None
+            if "prior" in t:
+                prior = tuple(t[k].to(feats.device)[keep] for k in ("prior_boxes", "prior_maps", "prior"))
+            losses.append(self._instance_loss(feats[b], masks[keep], prior))
         if not losses:
             return {"loss_point": feats.sum() * 0.0}
         return {"loss_point": torch.stack(losses).mean()}
 
-    def _instance_loss(self, feats: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    def _instance_loss(self, feats: torch.Tensor, masks: torch.Tensor,
+                       prior: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The point loss of one image's instances: ``masks`` bool [N, H, W]; ``prior`` None or
+        (boxes [N, 4], box-frame maps [N, 2, S', S'] (probability, spread), has [N] bool): an
+        instance with a prior, taken with probability ``prior_share``, learns from it in its
+        inference frame (the prior's box grown by ``margin``); the others from a degraded copy of
+        the truth in a jittered frame."""
         p = self.params
         n, s = masks.shape[0], p.coarse_size
         boxes = tight_boxes(masks).to(feats.dtype)
         wh = (boxes[:, 2:] - boxes[:, :2]).repeat(1, 2)
         frames = grow(boxes + 0.05 * wh * (torch.rand(boxes.shape, device=boxes.device) * 2 - 1), p.margin)
+        use = None
+        if prior is not None:
+            use = prior[2] & (torch.rand(n, device=boxes.device) < p.prior_share)
+            frames = torch.where(use[:, None], grow(prior[0].to(feats.dtype), p.margin), frames)
         rois = torch.cat([torch.arange(n, device=boxes.device, dtype=boxes.dtype)[:, None], frames], 1)
         gt_frames = roi_align(masks[:, None].to(feats.dtype), rois, s, 1.0, 2, True)[:, 0]
         gen = torch.Generator().manual_seed(int(torch.randint(2**31 - 1, (1,))))
         coarse, dis = degrade(gt_frames.cpu(), gen, p.mild)
         coarse, dis = coarse.to(feats.device), dis.to(feats.device)
+        if use is not None and bool(use.any()):
+            k = torch.nonzero(use)[:, 0]
+            pb, pm = prior[0][k].to(feats.dtype), prior[1][k].to(feats.dtype)
+            coarse[k] = box_maps_to_frames(pm[:, 0], pb, frames[k], s).clamp(0.0, 1.0)
+            dis[k] = box_maps_to_frames(pm[:, 1], pb, frames[k], s)
         # The paper's point sampling: uncertain candidates by the coarse map, plus uniform ones;
         # with ``boundary``, a share first from candidates within a pixel of the true boundary.
         n_pts = p.train_points

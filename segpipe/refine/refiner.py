@@ -25,19 +25,9 @@ from segpipe.structures import SOFT_MASK_SIZE, Instances
 
 
 def box_maps_in_frames(maps: np.ndarray, boxes: np.ndarray, frames: np.ndarray, size: int) -> np.ndarray:
-    """Box-frame maps [N, S, S] spanning xyxy ``boxes`` [N, 4], sampled bilinearly at the
-    ``size`` x ``size`` cell centres of xyxy ``frames`` [N, 4] (zero outside each box) -> float32
-    [N, size, size]."""
-    f = torch.from_numpy(frames.astype(np.float32))
-    b = torch.from_numpy(boxes.astype(np.float32))
-    c = (torch.arange(size, dtype=torch.float32) + 0.5) / size
-    xs = f[:, None, 0] + c[None] * (f[:, 2] - f[:, 0])[:, None]  # [N, size] image x of the cell centres
-    ys = f[:, None, 1] + c[None] * (f[:, 3] - f[:, 1])[:, None]
-    gx = (xs - b[:, None, 0]) / (b[:, 2] - b[:, 0]).clamp(min=1e-6)[:, None] * 2 - 1  # in the box frame
-    gy = (ys - b[:, None, 1]) / (b[:, 3] - b[:, 1]).clamp(min=1e-6)[:, None] * 2 - 1
-    grid = torch.stack([gx[:, None, :].expand(-1, size, -1), gy[:, :, None].expand(-1, -1, size)], -1)
-    src = torch.from_numpy(maps.astype(np.float32))[:, None]
-    return F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0].numpy()
+    """``mask_ops.box_maps_to_frames`` on numpy arrays -> float32 [N, size, size]."""
+    t = lambda a: torch.from_numpy(np.asarray(a, dtype=np.float32))  # noqa: E731
+    return mask_ops.box_maps_to_frames(t(maps), t(boxes), t(frames), size).numpy()
 
 
 def coarse_in_frames(inst: Instances, frames: np.ndarray, size: int) -> np.ndarray:

@@ -10,6 +10,7 @@ import shlex
 import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable
 
@@ -42,7 +43,7 @@ def _recipe(cfg, params) -> str:
     """What fixes a checkpoint's weights (the data, the optimiser, the resolved architecture), as
     JSON: a checkpoint resumes only under the same recipe. The iteration count may grow."""
     keep = {"method", "domain", "data", "crop", "batch_size", "lr", "weight_decay", "warmup", "seed", "train_n",
-            "train_seed"}
+            "train_seed"} | ({"priors", "prior_iou"} if cfg.priors else set())  # older checkpoints predate priors
     return json.dumps({**cfg.model_dump(mode="json", include=keep), "params": params.model_dump(mode="json")},
                       sort_keys=True)
 
@@ -62,7 +63,14 @@ def train(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Pat
     params = method.params.model_validate(cfg.params)
     cat_ids = [c["id"] for c in data.categories]
     net = method.build(params=params, num_classes=len(cat_ids))
-    ds = CocoInstances(data.train_ann, data.train_images, category_ids=cat_ids, flips=True, crop=cfg.crop, seed=cfg.seed)
+    priors = None
+    if cfg.priors:
+        from segpipe.refine.priors import load_priors
+
+        priors, summary = load_priors(cfg.priors, data.train_ann, min_iou=cfg.prior_iou, log=log)
+        data = replace(data, train_record=data.train_record | {"priors": summary})
+    ds = CocoInstances(data.train_ann, data.train_images, category_ids=cat_ids, flips=True, crop=cfg.crop, seed=cfg.seed,
+                       priors=priors)
     log(f"{cfg.method} on {cfg.domain}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters, "
         f"{len(ds)} training images, crop {cfg.crop}, {cfg.iterations} iterations x batch {cfg.batch_size}")
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
