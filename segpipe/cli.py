@@ -90,7 +90,7 @@ def data_polar_bound(
 
 @app.command("train")
 def train_cmd(
-    method: Annotated[str, typer.Argument(help="maskrcnn | polarmask | spatialemb | discloss | rsis")],
+    method: Annotated[str, typer.Argument(help="maskrcnn | polarmask | spatialemb | discloss | rsis | pointrend | scorer")],
     domain: Annotated[str, typer.Option(help="shapes (generated) | nuclei (COCO file + images)")] = "shapes",
     data: Annotated[Optional[str], typer.Option(help="nuclei: folder/URI with train.json, val.json, images/")] = None,
     iterations: Annotated[Optional[int], typer.Option(help="optimizer steps (default: the recipe's)")] = None,
@@ -109,6 +109,8 @@ def train_cmd(
     priors: Annotated[Optional[str], typer.Option(help="pointrend: a finished `segpipe run` over the training images; "
                                                   "its fused predictions become the coarse masks the refiner learns from")] = None,
     prior_iou: Annotated[float, typer.Option(help="pointrend --priors: mask IoU a prediction needs with the truth")] = 0.5,
+    val_run: Annotated[Optional[str], typer.Option(help="scorer: a finished run of the same models over the val images "
+                                                   "(the card's metrics: the ensemble's AP with and without the scorer)")] = None,
     refine_base: Annotated[Optional[str], typer.Option(help="pointrend: the zoo model whose val predictions score the "
                                                        "refiner's card (default maskrcnn-<domain>)")] = None,
     param: Annotated[Optional[list[str]], typer.Option("--param", help="architecture override KEY=VALUE (YAML value) on "
@@ -130,18 +132,19 @@ def train_cmd(
             method=method, domain=domain, data=data, iterations=iterations, batch_size=batch_size, lr=lr, crop=crop,
             seed=seed, train_n=train_n, train_seed=train_seed, val_n=val_n, val_seed=val_seed, name=name, out=out,
             work_dir=work_dir, threads=threads, params=params, priors=priors, prior_iou=prior_iou, refine_base=refine_base,
+            val_run=val_run,
         )
         from segpipe.train.methods import METHODS
 
         METHODS[cfg.method].params.model_validate(cfg.params)  # a bad --param fails here, before any work
     except (ValidationError, ValueError) as e:
         _fail(_config_error(e))
-    from segpipe.refine.priors import PriorsError
+    from segpipe.ensemble.replay import ReplayError
     from segpipe.train.loop import CheckpointMismatchError
 
     try:
         card = train(cfg, log=lambda m: typer.echo(m), command=shell_command(sys.argv[1:]))
-    except (FileNotFoundError, CheckpointMismatchError, PriorsError) as e:
+    except (FileNotFoundError, CheckpointMismatchError, ReplayError) as e:
         _fail(str(e))
     typer.echo(f"card: {card}")
 
@@ -261,7 +264,7 @@ def ensemble_cmd(
     from pydantic import ValidationError
 
     from segpipe.config import apply_overrides
-    from segpipe.ensemble.refuse import RefuseConfig, refuse_run
+    from segpipe.ensemble.refuse import RefuseConfig, RefuseError, refuse_run
     from segpipe.sinks.writer import read_manifest
     from segpipe.pipeline.run import new_run_id
 
@@ -283,7 +286,10 @@ def ensemble_cmd(
         rc = RefuseConfig.model_validate(data)
     except (ValidationError, ValueError) as e:
         _fail(_config_error(e))
-    new = refuse_run(run_dir, out, rc.ensemble, rc.output, run_id=run_id, progress=lambda m: typer.echo(m))
+    try:
+        new = refuse_run(run_dir, out, rc.ensemble, rc.output, run_id=run_id, progress=lambda m: typer.echo(m))
+    except RefuseError as e:
+        _fail(str(e))
     c = new["counts"]
     typer.echo(f"ensemble {run_id}: {c.get('ok', 0)} images, {c.get('instances', 0)} instances -> {out} "
                f"({new['timings_ms']['ensemble']:.0f} ms fusing)")

@@ -93,7 +93,10 @@ class EnsembleConfig(Strict):
     rank: Literal["score", "confidence"] = Field(
         "score", description="the fused instance's score: score = sum(weight x score) / total weight; confidence = that "
         "x agreement (mean pairwise mask IoU of the members; 1 for a lone member), which ranks groups whose members "
-        "agree on the mask above groups that only agree on the object")
+        "agree on the mask above groups that only agree on the object; with a scorer, its predicted mask IoU")
+    scorer: str | None = Field(None, description="a zoo ensemble scorer (builder: scorer; `segpipe train scorer`) trained "
+                               "for exactly these models: each fused instance's confidence becomes its predicted mask IoU "
+                               "with the truth")
 
     @field_validator("weights")
     @classmethod
@@ -513,6 +516,15 @@ class RSISParams(EmbedNetParams):
         return self
 
 
+class ScorerParams(Strict):
+    """The ensemble scorer (segpipe.ensemble.scorer): an MLP from a fused instance's ensemble
+    features to its mask IoU with the truth."""
+
+    models: list[str] = Field(default_factory=list, description="the ensemble's card names, in feature order (set by "
+                              "training from the run it learns from)")
+    hidden: int = Field(32, ge=1, description="width of its two hidden layers")
+
+
 class PointRendParams(Strict):
     """The model-agnostic PointRend refiner (segpipe.refine.pointrend): a small U-Net feature map
     over the image and a point head over fine features + the coarse logit (+ disagreement)."""
@@ -669,6 +681,8 @@ TRAIN_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
     ("discloss", "nuclei"): {"iterations": 4000, "crop": 256, "warmup": 200, "params": {"coord_scale": 8.0}},
     ("pointrend", "shapes"): {"iterations": 3000, "warmup": 200, "refine_base": "maskrcnn-shapes"},
     ("pointrend", "nuclei"): {"iterations": 3000, "crop": 256, "warmup": 200, "refine_base": "maskrcnn-nuclei"},
+    ("scorer", "shapes"): {"iterations": 4000, "batch_size": 1024, "warmup": 100},
+    ("scorer", "nuclei"): {"iterations": 4000, "batch_size": 1024, "warmup": 100},
     ("rsis", "shapes"): {"iterations": 5000, "crop": 160, "warmup": 200,
                          "params": {"lstm_channels": [64, 32], "max_steps": 16, "classify": "instances"}},
     ("rsis", "nuclei"): {"iterations": 4000, "crop": 128, "warmup": 200,
@@ -682,7 +696,7 @@ class TrainConfig(Strict):
     Fields left unset take the (method, domain) recipe of ``TRAIN_RECIPES`` first, then the
     defaults below."""
 
-    method: Literal["maskrcnn", "polarmask", "spatialemb", "discloss", "rsis", "pointrend"] = "maskrcnn"
+    method: Literal["maskrcnn", "polarmask", "spatialemb", "discloss", "rsis", "pointrend", "scorer"] = "maskrcnn"
     domain: Literal["shapes", "nuclei"] = "shapes"
     data: str | None = Field(None, description="nuclei: folder or URI with train.json, val.json, images/; "
                                                "default $SEGPIPE_NUCLEI, else ../shared/data/nuclei")
@@ -708,6 +722,8 @@ class TrainConfig(Strict):
     priors: str | None = Field(None, description="pointrend: a finished segpipe run over the training images; its "
                                "fused predictions matched to the ground truth become the coarse masks the refiner "
                                "learns from (params.prior_share of them; the rest are degraded truth)")
+    val_run: str | None = Field(None, description="scorer: a finished run of the same models over the val images; the "
+                                "card's metrics compare the ensemble's AP with and without the scorer on it")
     prior_iou: float = Field(0.5, gt=0, le=1, description="pointrend with priors: the mask IoU a fused prediction needs "
                              "with a ground-truth instance to become its prior")
 
@@ -726,8 +742,11 @@ class TrainConfig(Strict):
     def _seeds_apart(self) -> "TrainConfig":
         if self.val_seed == self.train_seed:
             raise ValueError("val_seed must differ from train_seed (validation must be unseen)")
-        if self.priors is not None and self.method != "pointrend":
-            raise ValueError(f"priors: only the pointrend refiner trains on a run's predictions, not {self.method}")
+        if self.priors is not None and self.method not in ("pointrend", "scorer"):
+            raise ValueError(f"priors: only the pointrend refiner and the ensemble scorer train on a run's predictions, "
+                             f"not {self.method}")
+        if self.method == "scorer" and self.priors is None:
+            raise ValueError("priors: the ensemble scorer learns from a run over the training images (--priors RUN)")
         return self
 
     @property

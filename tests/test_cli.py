@@ -134,7 +134,71 @@ def test_train_pointrend_on_a_runs_predictions(demo_run, tmp_path):
     assert r.exit_code == 2 and "priors" in r.output
     r = invoke("train", "pointrend", "--iterations", 1, "--train-n", 4, "--train-seed", 5, "--priors", demo_run.run,
                "--out", tmp_path / "p", "--work-dir", tmp_path / "w3", *params)
-    assert r.exit_code == 2 and "labelled none of the images" in r.output
+    assert r.exit_code == 2 and "labelled none of the images" in r.output, r.output
+    # Same names, other pixels: the run's sha256 of each image must match the file's.
+    import shutil
+
+    images = tmp_path / "images"
+    shutil.copytree(demo_run.gt.parent / "images", images)
+    victim = sorted(images.glob("*.jpg"))[0]
+    victim.write_bytes(victim.read_bytes() + b"\0")
+    with pytest.raises(ValueError, match="not a run over these images"):
+        load_priors(str(demo_run.run), str(demo_run.gt), str(images))
+    gt = json.loads(demo_run.gt.read_text())
+    for im in gt["images"]:
+        im["file_name"] = "elsewhere/" + im["file_name"]
+    (tmp_path / "moved.json").write_text(json.dumps(gt))
+    with pytest.raises(ValueError, match="labelled none of the images"):
+        load_priors(str(demo_run.run), str(tmp_path / "moved.json"))
+
+
+def test_train_scorer_on_a_run_and_refuse_with_it(demo_run, tmp_path):
+    """An ensemble scorer learns from the demo run's fused instances (its own 8 images), and
+    `segpipe ensemble` re-fuses the run with it: each fused row's confidence is the scorer's
+    predicted IoU and rows come ranked by it; a scorer is refused where its models are not the run's."""
+    from pycocotools.coco import COCO
+
+    from segpipe.ensemble.replay import RunEnsemble
+    from segpipe.ensemble.scorer import ensemble_features, load_scorer
+    from segpipe.sinks.writer import read_committed
+    from segpipe.train.scorer import ensemble_ap
+
+    assert demo_run.exit_code == 0, demo_run.output
+    out = tmp_path / "scorer"
+    r = invoke("train", "scorer", "--domain", "shapes", "--iterations", 300, "--train-n", 8, "--train-seed", 4242,
+               "--priors", demo_run.run, "--out", out, "--name", "scorer-test", "--param", "hidden=8")
+    assert r.exit_code == 0, r.output
+    card = yaml.safe_load((out / "card.yaml").read_text())
+    assert card["builder"] == "scorer" and card["params"]["models"] == ["maskrcnn-shapes", "spatialemb-shapes"]
+    assert card["training"]["data"]["priors"]["instances"] > 0 and card["metrics"] == []
+    weights = load_scorer(str(out / "card.yaml"))
+    # Its AP on the run it learned from (the card's val metric, computed the same way) is a valid COCO AP.
+    run = RunEnsemble.of(str(demo_run.run))
+    stats = ensemble_ap(run, str(demo_run.gt), str(demo_run.gt.parent / "images"), 100, weights)
+    assert 0.0 < stats["AP"] <= 1.0
+    refused = tmp_path / "refused"
+    r = invoke("ensemble", demo_run.run, "--out", refused, "--set", f"ensemble.scorer={out / 'card.yaml'}",
+               "--set", "ensemble.rank=confidence")
+    assert r.exit_code == 0, r.output
+    rows = read_committed(str(refused), "instances").to_pylist()
+    manifest = json.loads((refused / "_segpipe" / "run.json").read_text())
+    assert manifest["scorer"]["version"] == weights.version and rows
+    by_image: dict = {}
+    for row in rows:
+        by_image.setdefault(row["image_id"], []).append(row)
+        assert 0.0 < row["confidence"] < 1.0 and row["score"] == pytest.approx(row["confidence"])
+    for image_rows in by_image.values():
+        scores = [row["score"] for row in image_rows]
+        assert scores == sorted(scores, reverse=True)
+    assert len(COCO(str(refused / "coco" / "instances.json")).anns) == len(rows)
+    # A scorer of other models: refused before any work.
+    other = yaml.safe_load((out / "card.yaml").read_text())
+    other["params"]["models"] = ["maskrcnn-shapes", "polarmask-shapes"]
+    (out / "other.yaml").write_text(yaml.safe_dump(other))
+    r = invoke("ensemble", demo_run.run, "--out", tmp_path / "x", "--set", f"ensemble.scorer={out / 'other.yaml'}")
+    assert r.exit_code == 2 and "trained for the models" in r.output
+    r = invoke("ensemble", demo_run.run, "--out", tmp_path / "y", "--set", "ensemble.scorer=maskrcnn-shapes")
+    assert r.exit_code == 2 and "not an ensemble scorer" in r.output
 
 
 def test_train_refuses_to_resume_a_checkpoint_of_another_recipe(tmp_path):

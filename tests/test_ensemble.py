@@ -198,3 +198,50 @@ def test_group_probs_resamples_all_members_at_once_as_one_by_one():
     assert got.shape == (2, 21, 24)
     np.testing.assert_allclose(got, want, atol=1e-5)
     assert got[0, :, -1].max() == 0.0  # x 25.5 lies right of the first member's box
+
+
+# --- the learned ensemble scorer ------------------------------------------------------------------
+
+
+def test_scorer_features_hold_each_models_evidence_in_the_scorers_order():
+    from segpipe.ensemble.scorer import ensemble_features
+
+    a, b = _rect(10, 8, 38, 36), _rect(12, 8, 38, 36)
+    fused = fuse_image([_out("a", [a, FAR], [0.9, 0.8]), _out("b", [b], [0.6])], EnsembleConfig())
+    x = ensemble_features(fused, ["b", "a", "c"])  # the scorer's order, with a model that found nothing
+    assert x.shape == (2, 13)
+    group = [k for k in range(2) if fused.n_votes[k] == 2][0]
+    lone = 1 - group
+    iou_ab = (26 * 28) / (28 * 28)
+    assert x[group, :3].tolist() == pytest.approx([0.6, 0.9, 0.0])  # scores of b, a, c
+    assert x[group, 6:9].tolist() == [1.0, 1.0, 0.0]  # who voted
+    assert x[group, 9] == pytest.approx(2 / 3) and x[group, 10] == pytest.approx(iou_ab)  # votes share, agreement
+    assert x[group, 11] == pytest.approx(np.log1p(mask_ops.area(fused.instances.masks[group:group + 1])[0]))
+    assert x[group, 12] > 0  # the members disagree on two columns
+    assert x[lone, :3].tolist() == pytest.approx([0.0, 0.8, 0.0]) and x[lone, 10] == 0.0 and x[lone, 12] == 0.0
+    assert x[lone, 4] == pytest.approx(1.0)  # a lone member's IoU with its own mask
+
+
+def test_rescore_ranks_by_the_predicted_iou_and_numpy_matches_the_network():
+    import torch
+
+    from segpipe.config import ScorerParams
+    from segpipe.ensemble.scorer import Scorer, ScorerNet, ensemble_features, rescore
+
+    torch.manual_seed(0)
+    net = ScorerNet(ScorerParams(models=["a", "b"], hidden=8))
+    weights = Scorer(net, "s", "s@0").weights()
+    fused = fuse_image([_out("a", [SQUARE, FAR], [0.9, 0.3]), _out("b", [SQUARE], [0.8])], EnsembleConfig())
+    x = ensemble_features(fused, ["a", "b"])
+    with torch.no_grad():
+        want = torch.sigmoid(net(torch.from_numpy(x))).numpy()
+    np.testing.assert_allclose(weights.predict(x), want, rtol=1e-5, atol=1e-6)
+    kept = rescore(fused, weights, "score")  # confidence replaced, order and scores kept
+    assert kept.instances.scores.tolist() == fused.instances.scores.tolist()
+    np.testing.assert_allclose(kept.confidence, want, rtol=1e-5, atol=1e-6)
+    ranked = rescore(fused, weights, "confidence")
+    order = np.argsort(-want, kind="stable")
+    np.testing.assert_allclose(ranked.instances.scores, want[order], rtol=1e-5, atol=1e-6)
+    assert [m[0].model for m in ranked.members] == [fused.members[i][0].model for i in order]
+    assert ranked.instances.masks == [fused.instances.masks[i] for i in order]
+    assert ranked.n_votes.tolist() == fused.n_votes[order].tolist()

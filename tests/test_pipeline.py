@@ -208,6 +208,53 @@ def test_unknown_primary_and_mismatched_categories_fail_before_any_work(tiny_car
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
 
 
+def _scorer_card(folder, models: list[str]):
+    """An untrained ensemble scorer card for ``models`` (random weights, a valid zoo entry)."""
+    import torch
+    import yaml
+
+    from segpipe.config import ScorerParams
+    from segpipe.ensemble.scorer import ScorerNet
+    from segpipe.modeling.zoo import save_weights
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    params = ScorerParams(models=models, hidden=8)
+    digest = save_weights(ScorerNet(params), folder / "weights.safetensors")
+    card = {"name": "tiny-scorer", "family": "ensemble scorer", "paper": "test fixture", "builder": "scorer",
+            "params": params.model_dump(), "categories": [{"id": 1, "name": "x"}],
+            "weights": {"file": "weights.safetensors", "sha256": digest, "format": "safetensors", "dtype": "float16"}}
+    (folder / "card.yaml").write_text(yaml.safe_dump(card))
+    return folder / "card.yaml"
+
+
+def test_ensemble_scorer_in_the_pipeline(ray_local, shapes_data, tmp_path):
+    """With ensemble.scorer the fuse stage ranks the fused instances by the scorer's predicted IoU
+    (its confidence), the manifest names its version, and a scorer of other models fails fast."""
+    from segpipe.config import WorkflowConfig
+    from segpipe.ensemble.scorer import load_scorer
+    from segpipe.pipeline.run import WorkflowError
+
+    card = _scorer_card(tmp_path / "scorer", ["maskrcnn-shapes", "polarmask-shapes"])
+    out = tmp_path / "out"
+    data = _two_model_cfg("maskrcnn-shapes", "polarmask-shapes", shapes_data, out).model_dump(mode="json")
+    data["ensemble"] = {"method": "soft", "rank": "confidence", "scorer": str(card)}
+    result = run_workflow(WorkflowConfig.model_validate(data), run_id="scored", progress=lambda m: None)
+    assert result.status == "complete" and result.counts["ok"] == 6
+    manifest = json.loads((out / "_segpipe" / "run.json").read_text())
+    assert manifest["scorer"]["version"] == load_scorer(str(card)).version
+    rows = read_committed(str(out), "instances").to_pylist()
+    assert rows
+    for r in rows:
+        assert 0.0 < r["confidence"] < 1.0 and r["score"] == pytest.approx(r["confidence"])
+    other = _scorer_card(tmp_path / "other", ["maskrcnn-shapes", "spatialemb-shapes"])
+    data["ensemble"]["scorer"] = str(other)
+    data["output"]["uri"] = str(tmp_path / "out2")
+    with pytest.raises(WorkflowError, match="trained for the models"):
+        run_workflow(WorkflowConfig.model_validate(data), progress=lambda m: None)
+    assert not (tmp_path / "out2").exists()
+
+
 def test_ensemble_of_two_zoo_models_fills_instances_with_fused_rows(ray_local, shapes_data, tmp_path):
     """maskrcnn-shapes + polarmask-shapes (real trained weights) fused in the pipeline."""
     from segpipe.config import WorkflowConfig

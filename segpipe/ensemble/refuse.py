@@ -17,10 +17,15 @@ import pyarrow.parquet as pq
 
 from segpipe.config import EnsembleConfig, OutputConfig, Strict
 from segpipe.ensemble.fuse import ModelOutput, fuse_image
+from segpipe.ensemble.scorer import rescore
 from segpipe.io.fs import resolve
 from segpipe.sinks.coco import write_coco
 from segpipe.sinks.tables import SCHEMAS, ensemble_rows, rows_to_instances, to_table
 from segpipe.sinks.writer import RunWriter, read_manifest, read_markers
+
+
+class RefuseError(ValueError):
+    """A re-fusion that cannot run as asked (a scorer of other models)."""
 
 
 class RefuseConfig(Strict):
@@ -38,6 +43,17 @@ def refuse_run(run_uri: str, out_uri: str, cfg: EnsembleConfig, output: OutputCo
     models = [(m["name"], m["version"]) for m in manifest["models"]]
     cats = manifest["models"][0]["card"]["categories"]
     names = {int(c["id"]): c["name"] for c in cats}
+    scorer = None
+    if cfg.scorer is not None:
+        from segpipe.ensemble.scorer import load_scorer
+
+        try:
+            scorer = load_scorer(cfg.scorer)
+        except (ValueError, FileNotFoundError) as e:
+            raise RefuseError(f"ensemble.scorer: {e}") from None
+        if sorted(scorer.models) != sorted(n for n, _ in models):
+            raise RefuseError(f"ensemble.scorer: {cfg.scorer} was trained for the models {sorted(scorer.models)}, the run "
+                             f"has {sorted(n for n, _ in models)}")
     fs, root = resolve(run_uri)
     markers = read_markers(fs, root)
     writer = RunWriter(out_uri, run_id, storage_options=output.storage.options(out_uri))
@@ -61,7 +77,10 @@ def refuse_run(run_uri: str, out_uri: str, cfg: EnsembleConfig, output: OutputCo
                 outs = [ModelOutput(name=n, version=v, instances=rows_to_instances(by_image[im["image_id"]].get(n, []),
                                                                                    im["height"], im["width"]))
                         for n, v in models]
-                rows = ensemble_rows(fuse_image(outs, cfg), run_id=run_id, image_id=im["image_id"], image_uri=im["uri"],
+                fused = fuse_image(outs, cfg)
+                if scorer is not None:
+                    fused = rescore(fused, scorer, cfg.rank)
+                rows = ensemble_rows(fused, run_id=run_id, image_id=im["image_id"], image_uri=im["uri"],
                                      category_names=names, min_score=output.min_score,
                                      min_confidence=output.min_confidence, min_votes=output.min_votes)
                 fuse_ms += (time.perf_counter() - t) * 1000
@@ -84,6 +103,7 @@ def refuse_run(run_uri: str, out_uri: str, cfg: EnsembleConfig, output: OutputCo
         "ended": datetime.now(timezone.utc).isoformat(),
         "wall_s": round(time.perf_counter() - t0, 3),
         "ensemble": cfg.model_dump(mode="json"),
+        "scorer": {"name": cfg.scorer, "version": scorer.version} if scorer is not None else None,
         "output_filters": {"min_score": output.min_score, "min_confidence": output.min_confidence, "min_votes": output.min_votes},
         "models": manifest["models"],
         "counts": dict(totals),

@@ -106,6 +106,24 @@ def _load_refiner(cfg: WorkflowConfig) -> _Model | None:
     return r
 
 
+def _load_scorer(cfg: WorkflowConfig, models: list[_Model]):
+    """``ensemble.scorer``'s verified weights (``ScorerWeights``), or None; it must have been
+    trained for exactly the workflow's models (its features are theirs)."""
+    if cfg.ensemble is None or cfg.ensemble.scorer is None:
+        return None
+    from segpipe.ensemble.scorer import load_scorer
+
+    s = _verified(cfg.ensemble.scorer)
+    if s.card.builder != "scorer":
+        raise WorkflowError(f"ensemble.scorer: {s.card.name} is a {s.card.builder} model, not an ensemble scorer")
+    weights = load_scorer(s.ref)
+    names = sorted(m.card.name for m in models)
+    if sorted(weights.models) != names:
+        raise WorkflowError(f"ensemble.scorer: {s.card.name} was trained for the models {sorted(weights.models)}, the "
+                            f"workflow runs {names}")
+    return weights
+
+
 def _load_models(cfg: WorkflowConfig) -> list[_Model]:
     """Every model stage's card, verified (see ``_verified``); they must share one category set."""
     out = [_verified(m.model) for m in cfg.models]
@@ -161,6 +179,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
     models = _load_models(cfg)
     primary = _primary(cfg, models)
     refiner = _load_refiner(cfg)
+    scorer = _load_scorer(cfg, models)
     src_opts = cfg.source.storage.options(cfg.source.uri)
     files = list_source(cfg.source.uri, patterns=cfg.source.patterns, recursive=cfg.source.recursive,
                         max_images=cfg.source.max_images, shard_size=cfg.source.shard_size, storage_options=src_opts)
@@ -177,6 +196,8 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
                  f"model version, {c['retry']} retried, {c['skipped']} already labeled")
     writer = RunWriter(cfg.output.uri, run_id, storage_options=cfg.output.storage.options(cfg.output.uri))
     plan = _plan(cfg, files, models, refiner)
+    if scorer is not None:
+        plan["scorer"] = scorer.version
     if inc is not None:
         plan["incremental"] = inc.digest()
     committed = writer.start(plan)
@@ -214,7 +235,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
         if todo:
             meter, reporter = _start_progress(cfg, models, refiner, len(todo), stats, progress)
             try:
-                ds = _build_dataset(cfg, models, todo, has_gpu, refiner, source, inc, meter)
+                ds = _build_dataset(cfg, models, todo, has_gpu, refiner, source, inc, meter, scorer)
                 dropped = _consume(cfg, ds, writer, run_id, models, primary, refiner, expected, stats, progress, t0,
                                    _totals(committed))
             finally:
@@ -279,6 +300,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
         "models": [{"name": m.card.name, "version": m.version, "card": m.card.model_dump(mode="json")} for m in models],
         "refiner": {"name": refiner.card.name, "version": refiner.version, "card": refiner.card.model_dump(mode="json")}
         if refiner else None,
+        "scorer": {"name": cfg.ensemble.scorer, "version": scorer.version} if scorer is not None else None,
         "input": {"uri": cfg.source.uri, "n_files": len(files), "fingerprint": fingerprint(files), "n_shards": n_shards},
         "counts": counts,
         "timings_ms": {k: round(v, 1) for k, v in stage_ms.items()},
@@ -405,7 +427,7 @@ def _gpus(setting, has_gpu: bool) -> float:
 
 
 def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceFile], has_gpu: bool,
-                   refiner: _Model | None, source: str, inc=None, meter=None):
+                   refiner: _Model | None, source: str, inc=None, meter=None, scorer=None):
     import ray
 
     from segpipe.pipeline.stages import ModelStage, RefineStage, fuse_batch, read_decode
@@ -461,7 +483,7 @@ def _build_dataset(cfg: WorkflowConfig, models: list[_Model], todo: list[SourceF
         ds = ds.map_batches(
             fuse_batch,
             fn_kwargs={"models": [[m.card.name, m.version] for m in models], "config": cfg.ensemble.model_dump(mode="json"),
-                       "meter": meter},
+                       "meter": meter, "scorer": scorer},
             batch_size=cfg.pipeline.read_batch_size,
             num_cpus=cfg.pipeline.ensemble_num_cpus,
             batch_format="numpy",

@@ -181,9 +181,11 @@ class ModelStage:
         return out
 
 
-def fuse_batch(batch: dict[str, np.ndarray], *, models: list[list[str]], config: dict, meter=None) -> dict[str, Any]:
+def fuse_batch(batch: dict[str, np.ndarray], *, models: list[list[str]], config: dict, meter=None,
+               scorer=None) -> dict[str, Any]:
     """Fuse the models' instances of each ok row (``models``: [card name, version] pairs in
-    workflow order; ``config``: an ``EnsembleConfig`` as a dict). Errored rows get b'' / ''."""
+    workflow order; ``config``: an ``EnsembleConfig`` as a dict; ``scorer``: the ensemble
+    scorer's ``ScorerWeights`` or None). Errored rows get b'' / ''."""
     from segpipe.config import EnsembleConfig
     from segpipe.ensemble.fuse import ModelOutput, encode_fused, fuse_image
     from segpipe.structures import Instances
@@ -197,7 +199,12 @@ def fuse_batch(batch: dict[str, np.ndarray], *, models: list[list[str]], config:
         t, c = time.perf_counter(), time.process_time()
         outs = [ModelOutput(name=name, version=version, instances=Instances.from_bytes(batch[f"pred:{name}"][i]))
                 for name, version in models]
-        preds[i], metas[i] = encode_fused(fuse_image(outs, cfg))
+        fused = fuse_image(outs, cfg)
+        if scorer is not None:
+            from segpipe.ensemble.scorer import rescore
+
+            fused = rescore(fused, scorer, cfg.rank)
+        preds[i], metas[i] = encode_fused(fused)
         ms[i], cpu[i] = (time.perf_counter() - t) * 1000, (time.process_time() - c) * 1000
     out = {k: batch[k] for k in batch}
     out["pred:ensemble"] = _object_array(preds)

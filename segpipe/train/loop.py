@@ -50,6 +50,10 @@ def _recipe(cfg, params) -> str:
 
 def train(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Path:
     """Train, validate, write weights + card; resumes from ``work_dir/<name>/ckpt.pt``. Returns the card path."""
+    if cfg.method == "scorer":  # learns from a run's fused instances, not from images
+        from segpipe.train.scorer import train_scorer
+
+        return train_scorer(cfg, log, command)
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -67,7 +71,7 @@ def train(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Pat
     if cfg.priors:
         from segpipe.refine.priors import load_priors
 
-        priors, summary = load_priors(cfg.priors, data.train_ann, min_iou=cfg.prior_iou, log=log)
+        priors, summary = load_priors(cfg.priors, data.train_ann, data.train_images, min_iou=cfg.prior_iou, log=log)
         data = replace(data, train_record=data.train_record | {"priors": summary})
     ds = CocoInstances(data.train_ann, data.train_images, category_ids=cat_ids, flips=True, crop=cfg.crop, seed=cfg.seed,
                        priors=priors)

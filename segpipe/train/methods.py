@@ -8,7 +8,8 @@ from typing import Callable
 import torch
 from pydantic import BaseModel
 
-from segpipe.config import DiscLossParams, MaskRCNNParams, PointRendParams, PolarMaskParams, RSISParams, SpatialEmbParams
+from segpipe.config import (DiscLossParams, MaskRCNNParams, PointRendParams, PolarMaskParams, RSISParams, ScorerParams,
+                            SpatialEmbParams)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,12 @@ def _pointrend(**kw):
     return build_network(**kw)
 
 
+def _scorer(*, params, num_classes: int = 1):
+    from segpipe.ensemble.scorer import ScorerNet
+
+    return ScorerNet(params)
+
+
 METHODS: dict[str, MethodSpec] = {
     "maskrcnn": MethodSpec(MaskRCNNParams, _maskrcnn, "maskrcnn", "detection",
                            "Mask R-CNN, He, Gkioxari, Dollar, Girshick, ICCV 2017 (arXiv:1703.06870)"),
@@ -74,4 +81,7 @@ METHODS: dict[str, MethodSpec] = {
     "pointrend": MethodSpec(PointRendParams, _pointrend, "pointrend", "refinement",
                             "PointRend: Image Segmentation as Rendering, Kirillov, Wu, He, Girshick, CVPR 2020 "
                             "(arXiv:1912.08193); model-agnostic: its own feature network"),
+    "scorer": MethodSpec(ScorerParams, _scorer, "scorer", "ensemble scorer",
+                         "learned mask-IoU ranking in the spirit of Mask Scoring R-CNN, Huang, Huang, Gong, Huang, Wang, "
+                         "CVPR 2019 (arXiv:1903.00241), over the ensemble's evidence"),
 }
