@@ -25,7 +25,7 @@ of their probability maps) in the same frame, for the refiner.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from itertools import combinations
 from typing import Sequence
 
@@ -70,9 +70,11 @@ class Fused:
 
 
 def encode_fused(fused: Fused) -> tuple[bytes, str]:
-    """-> (``Instances.to_bytes()``, JSON of the per-instance members, votes, agreement and
-    confidence): plain columns for passing a Fused between pipeline stages (no pickle)."""
-    meta = {"members": [[asdict(m) for m in ms] for ms in fused.members], "n_votes": fused.n_votes.tolist(),
+    """-> (``Instances.to_bytes()``, JSON of the per-instance members (each [model, version,
+    score, iou]), votes, agreement, confidence and spread): plain columns for passing a Fused
+    between pipeline stages (no pickle)."""
+    meta = {"members": [[[m.model, m.model_version, m.score, m.iou] for m in ms] for ms in fused.members],
+            "n_votes": fused.n_votes.tolist(),
             "agreement": fused.agreement, "confidence": fused.confidence.tolist(),
             "spread": None if fused.spread is None else fused.spread.astype(np.float16).tobytes().hex()}
     return fused.instances.to_bytes(), json.dumps(meta)
@@ -86,7 +88,7 @@ def decode_fused(data: bytes, meta: str, instances: Instances | None = None) -> 
     spread = None
     if m.get("spread") is not None:
         spread = np.frombuffer(bytes.fromhex(m["spread"]), np.float16).reshape(len(inst), SOFT_MASK_SIZE, SOFT_MASK_SIZE)
-    return Fused(instances=inst, members=[[Member(**x) for x in ms] for ms in m["members"]],
+    return Fused(instances=inst, members=[[Member(*x) for x in ms] for ms in m["members"]],
                  n_votes=np.asarray(m["n_votes"], np.int32), agreement=m["agreement"],
                  confidence=np.asarray(m["confidence"], np.float32), spread=spread)
 
