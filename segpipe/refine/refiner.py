@@ -70,8 +70,11 @@ class Refiner(NetworkHolder):
             return inst
         p: PointRendParams = self.network.params
         h, w = inst.height, inst.width
-        t = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).permute(2, 0, 1).float().div_(255.0).to(self.device)
-        feats = self.network.image_features([t])[0]
+        t = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).to(self.device).permute(2, 0, 1)
+        if self.network.features is None:  # fine=patch: the features are the image, normalised as pad_batch does
+            feats = t.float().mul_(1.0 / 63.75).sub_(2.0)  # (x / 255 - 0.5) / 0.25
+        else:
+            feats = self.network.image_features([t.float().div_(255.0)])[0]
         frames = grow(torch.from_numpy(inst.boxes.astype(np.float32)), p.margin).numpy()
         coarse = torch.from_numpy(coarse_in_frames(inst, frames, p.coarse_size)).to(self.device)
         dis = None
