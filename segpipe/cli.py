@@ -694,7 +694,13 @@ def models_list() -> None:
 
     for name in list_cards():
         card, _ = load_card(name)
-        ap = next((f"AP={m.values['AP']:.3f} ({m.split.split(':')[0]})" for m in card.metrics if "AP" in m.values), "no metrics")
+        scored = [m for m in card.metrics if "AP" in m.values]
+        if not scored:
+            ap = "no metrics"
+        elif len(scored) == 2 and card.builder in ("pointrend", "scorer"):  # a base result, then with this model
+            ap = f"AP={scored[0].values['AP']:.3f} -> {scored[1].values['AP']:.3f} ({scored[0].split.split(':')[0]})"
+        else:
+            ap = f"AP={scored[0].values['AP']:.3f} ({scored[0].split.split(':')[0]})"
         typer.echo(f"{card.version():<32} {card.family:<10} {ap}")
 
 

@@ -6,6 +6,7 @@ ranked by the scorer's predicted IoU."""
 from __future__ import annotations
 
 import platform
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -84,9 +85,15 @@ def ensemble_ap(run: RunEnsemble, ann_uri: str, image_dir: str, max_dets: int, s
 
 def train_scorer(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Path:
     """Train, save fp16 weights + card (metrics on ``cfg.val_run`` when given) -> the card path."""
+    from segpipe.train.loop import _tee
+
     torch.manual_seed(cfg.seed)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    run_dir = Path(cfg.work_dir) / cfg.model_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train.log").unlink(missing_ok=True)  # the log of this training only
+    log = _tee(log, run_dir / "train.log")
     data: DomainData = prepare(cfg, log)
     run = RunEnsemble.of(cfg.priors)
     models = [n for n, _ in run.models]
@@ -141,4 +148,7 @@ def train_scorer(cfg: TrainConfig, log: Log = print, command: str | None = None)
         card = ModelCard.model_validate(card.model_dump())
         (out / "card.yaml").write_text(yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False))
     log(f"wrote {out / 'card.yaml'} ({card.version()})")
+    shutil.copyfile(run_dir / "train.log", out / "train.log")
+    card.training.log = "train.log"
+    (out / "card.yaml").write_text(yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False))
     return out / "card.yaml"
