@@ -458,3 +458,17 @@ def test_encode_stack_equals_encode_local_per_map():
         assert mask_ops.encode_stack(stack, x0, y0, 40, 50) == want
     full = np.ones((1, 40, 50), bool)  # a run across every column boundary merges into one
     assert mask_ops.encode_stack(full, [0], [0], 40, 50) == mask_ops.encode(full.astype(np.uint8))
+
+
+def test_tight_frames_boxes_the_kept_pixels_and_samples_their_frame():
+    import torch
+
+    maps = torch.zeros((2, 1, 20, 30))
+    maps[0, 0, 3:9, 5:17] = 1.0
+    maps[0, 0, 4, 6] = 0.7
+    keep = maps[:, 0] >= 0.5
+    tight, frames, nonempty = mask_ops.tight_frames(keep, maps, 12)
+    assert nonempty.tolist() == [True, False]
+    assert tight[0].tolist() == [5, 3, 17, 9]
+    want = mask_ops.crop_to_box_frame(maps[0, 0].numpy(), (5, 3, 17, 9), 12)
+    np.testing.assert_allclose(frames[0, 0].numpy(), want, atol=1e-6)

@@ -31,7 +31,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from segpipe.config import EnsembleConfig
 from segpipe.ops import masks as mask_ops
@@ -266,17 +265,8 @@ def _fuse_soft(groups: Sequence[list[tuple[int, int]]], outputs: Sequence[ModelO
         inr = mask_ops.in_regions(reg, hh, ww)
         fused, spread = fused * inr, spread * inr
         keep = fused >= cfg.mask_thresh
-        rows, cols = keep.any(2), keep.any(1)
-        nonempty = rows.any(1).numpy()
-        ty0, tx0 = rows.to(torch.uint8).argmax(1), cols.to(torch.uint8).argmax(1)
-        ty1, tx1 = hh - rows.flip(1).to(torch.uint8).argmax(1), ww - cols.flip(1).to(torch.uint8).argmax(1)
-        tight = torch.stack([tx0, ty0, tx1, ty1], 1).float()  # [Gb, 4] in region pixels
-        c = (torch.arange(SOFT_MASK_SIZE, dtype=torch.float32) + 0.5) / SOFT_MASK_SIZE
-        gx = (tight[:, 0:1] + c * (tight[:, 2:3] - tight[:, 0:1])) / ww * 2 - 1
-        gy = (tight[:, 1:2] + c * (tight[:, 3:4] - tight[:, 1:2])) / hh * 2 - 1
-        grid = torch.stack([gx[:, None, :].expand(-1, SOFT_MASK_SIZE, -1), gy[:, :, None].expand(-1, -1, SOFT_MASK_SIZE)], -1)
-        frames = F.grid_sample(torch.stack([fused, spread], 1), grid, mode="bilinear", padding_mode="zeros",
-                               align_corners=False).numpy()
+        tight, frames, nonempty = mask_ops.tight_frames(keep, torch.stack([fused, spread], 1), SOFT_MASK_SIZE)
+        frames, nonempty = frames.numpy(), nonempty.numpy()
         done = np.nonzero(nonempty)[0]
         rles = mask_ops.encode_stack(keep.numpy()[done], regions[gs[done], 0], regions[gs[done], 1], h, w)
         tight_np = tight.numpy().astype(np.int64)

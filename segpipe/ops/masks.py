@@ -249,6 +249,24 @@ def box_maps_to_frames(maps: torch.Tensor, boxes: torch.Tensor, frames: torch.Te
     return F.grid_sample(maps[:, None].to(frames.dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
 
 
+def tight_frames(keep: torch.Tensor, maps: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per map of a padded region stack: the tight box of its kept pixels (``keep`` bool
+    [M, h, w]) and the maps [M, C, h, w] sampled bilinearly at the ``size`` x ``size`` cell
+    centres of that box (zero past the stack) -> (tight xyxy [M, 4] float in region pixels,
+    frames [M, C, size, size], nonempty bool [M]; an empty map's box and frame are meaningless)."""
+    m, h, w = keep.shape
+    rows, cols = keep.any(2), keep.any(1)  # [M, h], [M, w]
+    ty0, tx0 = rows.to(torch.uint8).argmax(1), cols.to(torch.uint8).argmax(1)
+    ty1, tx1 = h - rows.flip(1).to(torch.uint8).argmax(1), w - cols.flip(1).to(torch.uint8).argmax(1)
+    tight = torch.stack([tx0, ty0, tx1, ty1], 1).to(maps.dtype)
+    c = (torch.arange(size, dtype=maps.dtype, device=maps.device) + 0.5) / size
+    gx = (tight[:, 0:1] + c * (tight[:, 2:3] - tight[:, 0:1])) / w * 2 - 1  # [M, size]
+    gy = (tight[:, 1:2] + c * (tight[:, 3:4] - tight[:, 1:2])) / h * 2 - 1
+    grid = torch.stack([gx[:, None, :].expand(-1, size, -1), gy[:, :, None].expand(-1, -1, size)], -1)
+    frames = F.grid_sample(maps, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return tight, frames, rows.any(1)
+
+
 def in_regions(regions: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Which cells of [N, h, w] region maps (``region_pixels`` with no pad) lie inside each
     integer region (xyxy [N, 4]) -> bool [N, h, w]."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torchvision.ops import roi_align
 
 from segpipe.config import ModelCard, PointRendParams
@@ -119,18 +118,9 @@ class Refiner(NetworkHolder):
         m, ph, pw = px.shape
         px = px * mask_ops.in_regions(torch.from_numpy(regions).to(px.device), ph, pw)
         keep = px >= 0.5
-        rows, cols = keep.any(2), keep.any(1)  # [M, ph], [M, pw]
-        nonempty = rows.any(1)
-        ty0, tx0 = rows.to(torch.uint8).argmax(1), cols.to(torch.uint8).argmax(1)
-        ty1, tx1 = ph - rows.flip(1).to(torch.uint8).argmax(1), pw - cols.flip(1).to(torch.uint8).argmax(1)
-        tight = torch.stack([tx0, ty0, tx1, ty1], 1).to(px.dtype)  # [M, 4] in region pixels
-        c = (torch.arange(SOFT_MASK_SIZE, dtype=px.dtype, device=px.device) + 0.5) / SOFT_MASK_SIZE
-        gx = (tight[:, 0:1] + c * (tight[:, 2:3] - tight[:, 0:1])) / pw * 2 - 1  # [M, S]
-        gy = (tight[:, 1:2] + c * (tight[:, 3:4] - tight[:, 1:2])) / ph * 2 - 1
-        grid = torch.stack([gx[:, None, :].expand(-1, SOFT_MASK_SIZE, -1), gy[:, :, None].expand(-1, -1, SOFT_MASK_SIZE)], -1)
-        soft = F.grid_sample(px[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[:, 0]
+        tight, soft, nonempty = mask_ops.tight_frames(keep, px[:, None], SOFT_MASK_SIZE)
         keep_np, tight_np = keep.cpu().numpy(), tight.cpu().numpy().astype(np.int64)
-        soft_np, nonempty_np = soft.cpu().numpy(), nonempty.cpu().numpy()
+        soft_np, nonempty_np = soft[:, 0].cpu().numpy(), nonempty.cpu().numpy()
         done = np.nonzero(nonempty_np)[0]
         encoded = mask_ops.encode_stack(keep_np[done], regions[done, 0], regions[done, 1], h, w)
         for j, rle in zip(done, encoded):
