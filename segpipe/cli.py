@@ -106,8 +106,9 @@ def train_cmd(
     out: Annotated[Optional[str], typer.Option(help="card folder (default models/<name>)")] = None,
     work_dir: Annotated[str, typer.Option(help="data, checkpoints, logs")] = "runs/train",
     threads: Annotated[Optional[int], typer.Option(help="torch threads")] = None,
-    priors: Annotated[Optional[str], typer.Option(help="pointrend: a finished `segpipe run` over the training images; "
-                                                  "its fused predictions become the coarse masks the refiner learns from")] = None,
+    priors: Annotated[Optional[str], typer.Option(help="pointrend, scorer: a finished ensemble `segpipe run` over the "
+                                                  "training images; the refiner learns from its fused masks, the scorer "
+                                                  "from its fused instances' IoU with the truth")] = None,
     prior_iou: Annotated[float, typer.Option(help="pointrend --priors: mask IoU a prediction needs with the truth")] = 0.5,
     val_run: Annotated[Optional[str], typer.Option(help="scorer: a finished run of the same models over the val images "
                                                    "(the card's metrics: the ensemble's AP with and without the scorer)")] = None,

@@ -745,6 +745,8 @@ class TrainConfig(Strict):
         if self.priors is not None and self.method not in ("pointrend", "scorer"):
             raise ValueError(f"priors: only the pointrend refiner and the ensemble scorer train on a run's predictions, "
                              f"not {self.method}")
+        if self.val_run is not None and self.method != "scorer":
+            raise ValueError(f"val_run: only the ensemble scorer is scored on a run, not {self.method}")
         if self.method == "scorer" and self.priors is None:
             raise ValueError("priors: the ensemble scorer learns from a run over the training images (--priors RUN)")
         return self

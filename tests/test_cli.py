@@ -132,6 +132,10 @@ def test_train_pointrend_on_a_runs_predictions(demo_run, tmp_path):
     assert card["training"]["config"]["priors"] == str(demo_run.run)
     r = invoke("train", "maskrcnn", "--priors", demo_run.run, "--out", tmp_path / "m", "--work-dir", tmp_path / "w2")
     assert r.exit_code == 2 and "priors" in r.output
+    r = invoke("train", "pointrend", "--val-run", demo_run.run, "--out", tmp_path / "m", "--work-dir", tmp_path / "w2")
+    assert r.exit_code == 2 and "val_run" in r.output
+    r = invoke("train", "scorer", "--out", tmp_path / "m", "--work-dir", tmp_path / "w2")
+    assert r.exit_code == 2 and "--priors RUN" in r.output
     r = invoke("train", "pointrend", "--iterations", 1, "--train-n", 4, "--train-seed", 5, "--priors", demo_run.run,
                "--out", tmp_path / "p", "--work-dir", tmp_path / "w3", *params)
     assert r.exit_code == 2 and "labelled none of the images" in r.output, r.output
