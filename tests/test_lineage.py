@@ -101,7 +101,7 @@ def test_http_start_complete(tmp_path):
     assert facet["workflowSha256"] == cfg.digest()
     assert facet["models"] == [{"name": n, "version": v} for n, v in MODELS]
     assert facet["refiner"] == {"name": REFINER[0], "version": REFINER[1]}
-    assert facet["ensemble"] == cfg.ensemble.model_dump(mode="json") and facet["ensemble"]["method"] == "soft"
+    assert facet["ensemble"] == cfg.ensemble.model_dump(mode="json", exclude_none=True) and facet["ensemble"]["method"] == "soft"
     assert facet["refine"]["model"] == "pointrend-shapes"
     assert facet["counts"] == COUNTS and "counts" not in start["run"]["facets"]["segpipe"]
     jsonschema.validate(facet, facet_schema())

@@ -190,8 +190,9 @@ class LineageEmitter:
         segpipe_facet = SegpipeRunFacet(
             runId=self.run_id, segpipeVersion=segpipe.__version__, workflowSha256=cfg.digest(),
             models=list(self.models), refiner=self.refiner,
-            ensemble=cfg.ensemble.model_dump(mode="json") if cfg.ensemble else None,
-            refine=cfg.refine.model_dump(mode="json") if cfg.refine else None,
+            # None fields are left out, as OpenLineage's serialiser drops nulls anyway
+            ensemble=cfg.ensemble.model_dump(mode="json", exclude_none=True) if cfg.ensemble else None,
+            refine=cfg.refine.model_dump(mode="json", exclude_none=True) if cfg.refine else None,
             counts=(manifest or {}).get("counts"), producer=PRODUCER)
         facets: dict[str, RunFacet] = {
             "segpipe": segpipe_facet,
