@@ -289,18 +289,25 @@ def _fuse_soft(groups: Sequence[list[tuple[int, int]]], outputs: Sequence[ModelO
         start += len(group)
         if out[g] is None:
             continue
-        members = [Member(model=outputs[m].name, model_version=outputs[m].version, score=float(outputs[m].instances.scores[i]),
-                          iou=to_fused[j]) for j, (m, i) in zip(rows_of, group)]
-        agreement = float(np.mean([iou[(ma, mb)][ia, ib] for (ma, ia), (mb, ib) in combinations(group, 2)])) if len(group) > 1 else None
-        score = float(strength[list(rows_of)].sum() / total)
-        if cfg.class_agnostic:
-            label = _majority_label([(int(outputs[m].instances.labels[i]), float(strength[j])) for j, (m, i) in zip(rows_of, group)])
-        else:
-            m0, i0 = group[0]
-            label = int(outputs[m0].instances.labels[i0])
-        out[g] |= {"score": score, "label": label, "members": members, "agreement": agreement,
-                   "confidence": score * (agreement if agreement is not None else 1.0)}
+        out[g] |= _group_fields(outputs, group, strength[list(rows_of)], [to_fused[j] for j in rows_of], total, cfg, iou)
     return out
+
+
+def _group_fields(outputs: Sequence[ModelOutput], group: list[tuple[int, int]], strength: np.ndarray, ious: Sequence[float],
+                  total: float, cfg: EnsembleConfig, iou: dict) -> dict:
+    """A fused group's members (each with its IoU to the fused mask, ``ious``), agreement, score
+    (summed ``strength`` = weight x score over ``total``), label and confidence."""
+    members = [Member(model=outputs[m].name, model_version=outputs[m].version, score=float(outputs[m].instances.scores[i]),
+                      iou=float(v)) for (m, i), v in zip(group, ious)]
+    agreement = float(np.mean([iou[(ma, mb)][ia, ib] for (ma, ia), (mb, ib) in combinations(group, 2)])) if len(group) > 1 else None
+    score = float(strength.sum() / total)
+    if cfg.class_agnostic:
+        label = _majority_label([(int(outputs[m].instances.labels[i]), float(st)) for (m, i), st in zip(group, strength)])
+    else:
+        m0, i0 = group[0]
+        label = int(outputs[m0].instances.labels[i0])
+    return {"score": score, "label": label, "members": members, "agreement": agreement,
+            "confidence": score * (agreement if agreement is not None else 1.0)}
 
 
 def _majority_label(votes: Sequence[tuple[int, float]]) -> int:
@@ -372,23 +379,6 @@ def _fuse_group(outputs, weights, total, group, cfg: EnsembleConfig, h: int, w: 
         ious = mask_ops.iou([ins.masks[i] for ins, i in zip(insts, idx)], [rle])[:, 0]
     else:
         ious = [_binary_iou(b, keep) for b in binary]
-    members = [Member(model=outputs[m].name, model_version=outputs[m].version, score=float(outputs[m].instances.scores[i]),
-                      iou=float(v)) for (m, i), v in zip(group, ious)]
-    agreement = float(np.mean([iou[(ma, mb)][ia, ib] for (ma, ia), (mb, ib) in combinations(group, 2)])) if len(group) > 1 else None
-    score = float(strength.sum() / total)
-    if cfg.class_agnostic:
-        label = _majority_label([(int(ins.labels[i]), float(s)) for ins, i, s in zip(insts, idx, strength)])
-    else:
-        label = int(insts[0].labels[idx[0]])
     frames = mask_ops.crop_to_box_frame(np.stack([fused_p, np.std(probs, 0)]).astype(np.float32), local_box, SOFT_MASK_SIZE)
-    return {
-        "box": box,
-        "score": score,
-        "label": label,
-        "rle": rle,
-        "probs": frames[0],
-        "spread": frames[1],
-        "members": members,
-        "agreement": agreement,
-        "confidence": score * (agreement if agreement is not None else 1.0),
-    }
+    return {"box": box, "rle": rle, "probs": frames[0], "spread": frames[1]} | _group_fields(
+        outputs, group, strength, ious, total, cfg, iou)
