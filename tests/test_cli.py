@@ -178,8 +178,8 @@ def test_train_scorer_on_a_run_and_refuse_with_it(demo_run, tmp_path):
     weights = load_scorer(str(out / "card.yaml"))
     # Its AP on the run it learned from (the card's val metric, computed the same way) is a valid COCO AP.
     run = RunEnsemble.of(str(demo_run.run))
-    stats = ensemble_ap(run, str(demo_run.gt), str(demo_run.gt.parent / "images"), 100, weights)
-    assert 0.0 < stats["AP"] <= 1.0
+    own, stats = ensemble_ap(run, str(demo_run.gt), str(demo_run.gt.parent / "images"), 100, weights)
+    assert 0.0 < stats["AP"] <= 1.0 and 0.0 < own["AP"] <= 1.0
     refused = tmp_path / "refused"
     r = invoke("ensemble", demo_run.run, "--out", refused, "--set", f"ensemble.scorer={out / 'card.yaml'}",
                "--set", "ensemble.rank=confidence")

@@ -70,17 +70,17 @@ def fit(net: ScorerNet, x: np.ndarray, y: np.ndarray, cfg: TrainConfig, log: Log
             log(f"it {it + 1}/{cfg.iterations} mse={run:.4f} lr={lr_at(it, cfg):.2e}")
 
 
-def ensemble_ap(run: RunEnsemble, ann_uri: str, image_dir: str, max_dets: int, scorer=None) -> dict:
-    """COCO mask AP of ``run``'s ensemble on the annotated images: its own ranking, or with
-    ``scorer`` (``ScorerWeights``) the predicted IoU (rank: confidence)."""
+def ensemble_ap(run: RunEnsemble, ann_uri: str, image_dir: str, max_dets: int, scorer) -> tuple[dict, dict]:
+    """COCO mask AP of ``run``'s ensemble on the annotated images, from one replay of the run:
+    (ranked as the run ranks, ranked by ``scorer``'s (``ScorerWeights``) predicted IoU)."""
     gt = load_gt(ann_uri)
     ids = {im["file_name"]: im["id"] for im in gt.dataset["images"]}
-    results, seen = [], []
+    own, scored, seen = [], [], []
     for im in fused_with_truth(run, ann_uri, image_dir):
-        fused = rescore(im.fused, scorer, "confidence") if scorer is not None else im.fused
-        results += instances_to_results(ids[im.file_name], fused.instances)
+        own += instances_to_results(ids[im.file_name], im.fused.instances)
+        scored += instances_to_results(ids[im.file_name], rescore(im.fused, scorer, "confidence").instances)
         seen.append(ids[im.file_name])
-    return evaluate(gt, results, image_ids=seen, max_dets=max_dets)
+    return evaluate(gt, own, image_ids=seen, max_dets=max_dets), evaluate(gt, scored, image_ids=seen, max_dets=max_dets)
 
 
 def train_scorer(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Path:
@@ -131,8 +131,7 @@ def train_scorer(cfg: TrainConfig, log: Log = print, command: str | None = None)
         if val.models != run.models:
             raise ReplayError(f"val run {cfg.val_run} ran {val.models}, the training run {run.models}: not the same ensemble")
         scorer = load_scorer(str(out / "card.yaml"))  # the weights as shipped (fp16)
-        before = ensemble_ap(val, data.val_ann, data.val_images, data.max_dets)
-        after = ensemble_ap(val, data.val_ann, data.val_images, data.max_dets, scorer)
+        before, after = ensemble_ap(val, data.val_ann, data.val_images, data.max_dets, scorer)
         log(f"validation on {cfg.val_run}: ensemble AP {before['AP']:.3f} -> {after['AP']:.3f} with the scorer "
             f"(AP50 {before['AP50']:.3f} -> {after['AP50']:.3f}, AP75 {before['AP75']:.3f} -> {after['AP75']:.3f})")
         keys = ("AP", "AP50", "AP75", "APs", "APm", "APl", "ARmax")
