@@ -6,15 +6,16 @@ import numpy as np
 import pytest
 
 from segpipe.config import EnsembleConfig
-from segpipe.ensemble.fuse import ModelOutput, fuse_image, match_groups
+from segpipe.ensemble.fuse import ModelOutput, encode_fused, fuse_image, fuse_images, match_groups
 from segpipe.ops import masks as mask_ops
 from segpipe.structures import SOFT_MASK_SIZE, Instances
 
 H, W = 64, 80
 
 
-def _instances(masks: list[np.ndarray], scores: list[float], labels: list[int] | None = None, soft: bool = True) -> Instances:
-    """Instances from dense bool masks [H, W]: tight boxes, soft masks sampled from the binary ones."""
+def _instances(masks: list[np.ndarray], scores: list[float], labels: list[int] | None = None, soft: bool = True,
+               h: int = H, w: int = W) -> Instances:
+    """Instances from dense bool masks [h, w]: tight boxes, soft masks sampled from the binary ones."""
     n = len(masks)
     boxes = np.zeros((n, 4), np.float32)
     for k, m in enumerate(masks):
@@ -22,7 +23,7 @@ def _instances(masks: list[np.ndarray], scores: list[float], labels: list[int] |
         boxes[k] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
     probs = np.stack([mask_ops.crop_to_box_frame(m.astype(np.float32), b, SOFT_MASK_SIZE) for m, b in zip(masks, boxes)]) \
         if n else np.zeros((0, SOFT_MASK_SIZE, SOFT_MASK_SIZE), np.float32)
-    return Instances(height=H, width=W, boxes=boxes, scores=np.asarray(scores, np.float32),
+    return Instances(height=h, width=w, boxes=boxes, scores=np.asarray(scores, np.float32),
                      labels=np.asarray(labels or [1] * n, np.int64),
                      masks=mask_ops.encode(np.stack(masks)) if n else [],
                      mask_probs=probs.astype(np.float16) if soft else None)
@@ -245,3 +246,65 @@ def test_rescore_ranks_by_the_predicted_iou_and_numpy_matches_the_network():
     assert [m[0].model for m in ranked.members] == [fused.members[i][0].model for i in order]
     assert ranked.instances.masks == [fused.instances.masks[i] for i in order]
     assert ranked.n_votes.tolist() == fused.n_votes[order].tolist()
+
+
+def _random_output(rng: np.random.Generator, name: str, h: int, w: int, n: int, soft: bool = True) -> ModelOutput:
+    """n ragged rectangles at random places of an h x w image (they overlap other models' often)."""
+    masks = []
+    for _ in range(n):
+        x0, y0 = int(rng.integers(0, w - 10)), int(rng.integers(0, h - 10))
+        m = np.zeros((h, w), bool)
+        m[y0:y0 + int(rng.integers(8, 30)), x0:x0 + int(rng.integers(8, 30))] = True
+        m &= rng.random((h, w)) < 0.95
+        masks.append(m)
+    inst = _instances(masks, rng.uniform(0.1, 1.0, n).tolist(), soft=soft, h=h, w=w)
+    return ModelOutput(name=name, version=f"{name}@0123456789ab", instances=inst)
+
+
+@pytest.mark.parametrize("method", ["soft", "vote"])
+def test_fuse_images_gives_each_image_what_fuse_image_gives_it(method):
+    """Several images (of other sizes; one with a model that found nothing; one whose second
+    model has no soft masks, so its groups take the per-group path) in one fuse_images call ->
+    per image the same masks, boxes, scores, members and agreement as fuse_image; soft masks
+    and spread within one float16 step (the batch pads regions to other sizes)."""
+    rng = np.random.default_rng(7)
+    sizes = [(40, 60), (50, 50), (90, 70), (64, 80)]
+    images = [[_random_output(rng, "a", h, w, 6), _random_output(rng, "b", h, w, 0 if k == 1 else 5, soft=k != 2)]
+              for k, (h, w) in enumerate(sizes)]
+    cfg = EnsembleConfig(method=method, rank="confidence", iou_thresh=0.3)
+    got = fuse_images(images, cfg)
+    groups = 0
+    for outs, g in zip(images, got):
+        want = fuse_image(outs, cfg)
+        assert g.instances.masks == want.instances.masks and np.array_equal(g.instances.boxes, want.instances.boxes)
+        assert np.array_equal(g.instances.scores, want.instances.scores) and g.members == want.members
+        assert g.agreement == want.agreement and np.array_equal(g.n_votes, want.n_votes)
+        np.testing.assert_allclose(g.instances.mask_probs.astype(np.float32), want.instances.mask_probs.astype(np.float32), atol=2e-3)
+        np.testing.assert_allclose(g.spread.astype(np.float32), want.spread.astype(np.float32), atol=2e-3)
+        assert all(r["size"] == [outs[0].instances.height, outs[0].instances.width] for r in g.instances.masks)
+        groups += int((g.n_votes > 1).sum())
+    assert groups >= 4  # the batch did fuse groups of two, not only pass lone members through
+
+
+def test_fuse_batch_isolates_an_image_whose_fusion_fails():
+    """The ensemble stage fuses a batch in one call; when that fails, each image is retried on
+    its own: the bad row (an unreadable prediction) becomes an error record (stage ensemble)
+    and the others get what fuse_image gives them."""
+    from segpipe.pipeline.stages import fuse_batch
+
+    rng = np.random.default_rng(8)
+    images = [[_random_output(rng, "a", H, W, 4), _random_output(rng, "b", H, W, 4)] for _ in range(3)]
+    batch = {"uri": np.array(["u0", "u1", "u2"], dtype=object),
+             "error_stage": np.array(["", "", ""], dtype=object), "error_type": np.array(["", "", ""], dtype=object),
+             "error_message": np.array(["", "", ""], dtype=object)}
+    for name in ("a", "b"):
+        batch[f"pred:{name}"] = np.array([next(o for o in outs if o.name == name).instances.to_bytes() for outs in images],
+                                         dtype=object)
+    batch["pred:b"][1] = b"truncated"
+    cfg = EnsembleConfig(method="soft")
+    out = fuse_batch(batch, models=[["a", "a@0123456789ab"], ["b", "b@0123456789ab"]], config=cfg.model_dump(mode="json"))
+    assert list(out["error_type"][[0, 2]]) == ["", ""] and out["error_stage"][1] == "ensemble" and out["error_type"][1]
+    assert out["pred:ensemble"][1] == b"" and out["meta:ensemble"][1] == ""
+    for k in (0, 2):
+        assert (out["pred:ensemble"][k], out["meta:ensemble"][k]) == encode_fused(fuse_image(images[k], cfg))
+    assert (out["cpu_ms:ensemble"][[0, 2]] > 0).all()

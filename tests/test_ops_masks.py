@@ -460,6 +460,20 @@ def test_encode_stack_equals_encode_local_per_map():
     assert mask_ops.encode_stack(full, [0], [0], 40, 50) == mask_ops.encode(full.astype(np.uint8))
 
 
+def test_encode_stack_with_a_size_per_map():
+    """Maps of several images in one stack: each map's RLE is for its own image's size."""
+    rng = np.random.default_rng(4)
+    for _ in range(50):
+        m, h, w = (int(v) for v in rng.integers(1, 6, 1).tolist() + rng.integers(1, 20, 2).tolist())
+        stack = rng.random((m, h, w)) > 0.5
+        heights, widths = rng.integers(h, 45, m), rng.integers(w, 45, m)
+        x0, y0 = rng.integers(0, widths - w + 1), rng.integers(0, heights - h + 1)
+        want = [mask_ops.encode_local(stack[k], int(x0[k]), int(y0[k]), int(heights[k]), int(widths[k])) for k in range(m)]
+        got = mask_ops.encode_stack(stack, x0, y0, heights, widths)
+        assert got == want
+        assert [r["size"] for r in got] == [[int(a), int(b)] for a, b in zip(heights, widths)]
+
+
 def test_tight_frames_boxes_the_kept_pixels_and_samples_their_frame():
     import torch
 

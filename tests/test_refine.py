@@ -491,3 +491,85 @@ def test_prior_share_decides_which_coarse_mask_the_head_learns_from():
             assert bool((c < -5.0).all())  # logit of 0.001 everywhere inside the prior's box
         else:
             assert not bool((c < -5.0).any())  # a degraded copy of the truth keeps the interior
+
+
+def _random_instances(rng: np.random.Generator, h: int, w: int, scores: list[float]):
+    """Rectangles with ragged edges at random places of an h x w image, with box-frame soft masks."""
+    from segpipe.ops import masks as mask_ops
+    from segpipe.structures import Instances
+
+    n = len(scores)
+    m = np.zeros((n, h, w), np.uint8)
+    boxes = np.zeros((n, 4), np.float32)
+    for k in range(n):
+        x0, y0 = int(rng.integers(0, w - 8)), int(rng.integers(0, h - 8))
+        x1, y1 = int(rng.integers(x0 + 6, min(w, x0 + 40) + 1)), int(rng.integers(y0 + 6, min(h, y0 + 40) + 1))
+        m[k, y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) < 0.9
+        ys, xs = np.nonzero(m[k])
+        boxes[k] = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+    probs = np.stack([mask_ops.crop_to_box_frame(mk.astype(np.float32), b, 28) for mk, b in zip(m, boxes)]) if n else None
+    return Instances(height=h, width=w, boxes=boxes, scores=np.asarray(scores, np.float32), labels=np.ones(n, np.int64),
+                     masks=mask_ops.encode(m), mask_probs=None if probs is None else probs.astype(np.float16))
+
+
+@pytest.mark.parametrize("extra", [PATCH | {"render": "pixels"}, {"render": "pixels"}, PATCH])
+def test_refine_batch_gives_each_image_what_refine_gives_it(extra):
+    """Several images in one refine_batch call (fine=patch + pixels: one pixel step over all
+    their instances; otherwise image by image): images of other sizes, one without instances,
+    one whose instances all score under min_score, grid steps to different sides (frames under
+    and over 28 px) -> per image the masks, boxes and scores refine() gives, soft masks within
+    one float16 step (the head's matrix products see other row counts)."""
+    from segpipe.refine.refiner import Refiner
+
+    torch.manual_seed(1)
+    p = PointRendParams.model_validate(TINY | extra | {"coarse_size": 14, "output_size": 28, "points": 60})
+    refiner = Refiner(PointRendRefiner(p).eval())
+    rng = np.random.default_rng(5)
+    sizes = [(50, 60), (40, 40), (64, 48), (30, 70)]
+    scores = [[0.9, 0.5, 0.3], [], [0.8, 0.05], [0.02, 0.01]]
+    insts = [_random_instances(rng, h, w, s) for (h, w), s in zip(sizes, scores)]
+    images = [rng.integers(0, 255, (h, w, 3), dtype=np.uint8) for h, w in sizes]
+    spreads = [rng.random((len(s), 28, 28)).astype(np.float32) if s else None for s in scores]
+    got = refiner.refine_batch(images, insts, spreads, 0.1)
+    assert len(got) == 4 and got[1] is insts[1] and got[3] is insts[3]  # nothing to refine: returned as given
+    changed = 0
+    for img, inst, spread, g in zip(images, insts, spreads, got):
+        want = refiner.refine(img, inst, spread, 0.1)
+        assert g.masks == want.masks and np.array_equal(g.boxes, want.boxes) and np.array_equal(g.scores, inst.scores)
+        if len(inst):
+            np.testing.assert_allclose(g.mask_probs.astype(np.float32), want.mask_probs.astype(np.float32), atol=2e-3)
+        changed += sum(a != b for a, b in zip(g.masks, inst.masks))
+    assert got[2].masks[1] == insts[2].masks[1]  # under min_score: untouched
+    assert changed >= 3  # the untrained head does change the masks it refines
+
+
+def test_refine_stage_isolates_an_image_that_fails_in_a_batch(tmp_path):
+    """RefineStage refines a batch in one call; when that call fails, each image is retried on
+    its own: the bad row (an unreadable ensemble prediction) becomes an error record and the
+    others are refined as they would be alone."""
+    from conftest import make_pointrend_card
+
+    from segpipe.ensemble.fuse import ModelOutput, encode_fused, fuse_image
+    from segpipe.config import EnsembleConfig
+    from segpipe.pipeline.stages import RefineStage
+
+    card = make_pointrend_card(tmp_path / "zoo" / "tiny-pointrend")
+    stage = RefineStage(model_ref=str(card), source="ensemble", use_gpu=False, num_threads=1)
+    rng = np.random.default_rng(2)
+    rows = []
+    for k in range(3):
+        inst = _random_instances(rng, 48, 56, [0.9, 0.7])
+        data, meta = encode_fused(fuse_image([ModelOutput("m", "m@1", inst)], EnsembleConfig()))
+        rows.append((rng.integers(0, 255, (48, 56, 3), dtype=np.uint8), data, meta))
+    batch = {"uri": np.array([f"u{k}" for k in range(3)], dtype=object),
+             "image": np.array([r[0] for r in rows] + [None], dtype=object)[:3],
+             "pred:ensemble": np.array([rows[0][1], b"not an ensemble prediction", rows[2][1]], dtype=object),
+             "meta:ensemble": np.array([r[2] for r in rows], dtype=object),
+             "error_stage": np.array([""] * 3, dtype=object), "error_type": np.array([""] * 3, dtype=object),
+             "error_message": np.array([""] * 3, dtype=object)}
+    out = stage(batch)
+    assert list(out["error_type"][[0, 2]]) == ["", ""] and out["error_stage"][1] == "refine:tiny-pointrend"
+    assert out["pred:refined"][1] == b"" and "image" not in out
+    alone = stage({k: v[[0, 2]] for k, v in batch.items()})
+    assert list(out["pred:refined"][[0, 2]]) == list(alone["pred:refined"])
+    assert (out["cpu_ms:refine"][[0, 2]] > 0).all()

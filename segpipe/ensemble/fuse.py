@@ -1,4 +1,5 @@
-"""Mask-level fusion of several models' instances on one image: pure functions, no Ray.
+"""Mask-level fusion of several models' instances on one image (``fuse_image``; ``fuse_images``
+batches the soft fusion of several images): pure functions, no Ray.
 
 Matching: every instance of every model, in order of decreasing weight x score, joins the
 group whose first (strongest) member it overlaps most, by mask IoU on the RLEs, if that IoU
@@ -139,30 +140,56 @@ def match_groups(outputs: Sequence[ModelOutput], cfg: EnsembleConfig,
 
 def fuse_image(outputs: Sequence[ModelOutput], cfg: EnsembleConfig) -> Fused:
     """Fuse the models' instances on one image (all ``outputs`` share its height and width)."""
-    if not outputs:
-        raise ValueError("fuse_image needs at least one model's output")
-    h, w = outputs[0].instances.height, outputs[0].instances.width
-    if any((o.instances.height, o.instances.width) != (h, w) for o in outputs):
-        raise ValueError("all models' instances must be of the same image size")
-    weights = [cfg.weights.get(o.name, 1.0) for o in outputs]
-    total = float(sum(weights))
-    iou = pairwise_iou(outputs)
-    groups = [g for g in match_groups(outputs, cfg, iou) if len(g) >= cfg.min_votes]
-    soft = [outputs[m].instances.mask_probs is not None and outputs[m].instances.mask_probs.shape[-1] == SOFT_MASK_SIZE
-            for m in range(len(outputs))]
-    found: list[dict | None] = [None] * len(groups)
-    batched = []  # soft fusion of groups whose members all carry soft masks: all at once
-    for k, group in enumerate(groups):
-        m, i = group[0]
-        if len(group) == 1 and soft[m]:
-            found[k] = _pass_through(outputs[m], weights[m], total, i, cfg)
-        elif cfg.method == "soft" and all(soft[mm] for mm, _ in group):
-            batched.append(k)
-        else:
-            found[k] = _fuse_group(outputs, weights, total, group, cfg, h, w, iou)
-    for k, row in zip(batched, _fuse_soft([groups[k] for k in batched], outputs, weights, total, cfg, h, w, iou)):
-        found[k] = row
-    rows = [r for r in found if r is not None]
+    return fuse_images([outputs], cfg)[0]
+
+
+@dataclass(frozen=True)
+class _Image:
+    """One image's fusion context: the models' outputs, their weights and total, its size, and
+    the models' pairwise mask IoUs (``pairwise_iou``)."""
+
+    outputs: Sequence[ModelOutput]
+    weights: list[float]
+    total: float
+    h: int
+    w: int
+    iou: dict
+
+
+def fuse_images(images: Sequence[Sequence[ModelOutput]], cfg: EnsembleConfig) -> list[Fused]:
+    """``fuse_image`` for several images -> one Fused per image, each what ``fuse_image`` gives
+    it; the soft fusion of all the images' groups runs as one batched pass (the images share
+    its per-call cost)."""
+    ctxs, founds, soft_jobs = [], [], []
+    for n, outputs in enumerate(images):
+        if not outputs:
+            raise ValueError("fuse_image needs at least one model's output")
+        h, w = outputs[0].instances.height, outputs[0].instances.width
+        if any((o.instances.height, o.instances.width) != (h, w) for o in outputs):
+            raise ValueError("all models' instances must be of the same image size")
+        weights = [cfg.weights.get(o.name, 1.0) for o in outputs]
+        ctx = _Image(outputs=outputs, weights=weights, total=float(sum(weights)), h=h, w=w, iou=pairwise_iou(outputs))
+        groups = [g for g in match_groups(outputs, cfg, ctx.iou) if len(g) >= cfg.min_votes]
+        soft = [o.instances.mask_probs is not None and o.instances.mask_probs.shape[-1] == SOFT_MASK_SIZE for o in outputs]
+        found: list[dict | None] = [None] * len(groups)
+        for k, group in enumerate(groups):
+            m, i = group[0]
+            if len(group) == 1 and soft[m]:
+                found[k] = _pass_through(outputs[m], weights[m], ctx.total, i, cfg)
+            elif cfg.method == "soft" and all(soft[mm] for mm, _ in group):
+                soft_jobs.append((n, k, group))  # soft fusion of groups whose members all carry soft masks: all at once
+            else:
+                found[k] = _fuse_group(outputs, weights, ctx.total, group, cfg, h, w, ctx.iou)
+        ctxs.append(ctx)
+        founds.append(found)
+    rows = _fuse_soft([(ctxs[n], group) for n, _, group in soft_jobs], cfg)
+    for (n, k, _), row in zip(soft_jobs, rows):
+        founds[n][k] = row
+    return [_assemble([r for r in found if r is not None], cfg, ctx.h, ctx.w) for ctx, found in zip(ctxs, founds)]
+
+
+def _assemble(rows: list[dict], cfg: EnsembleConfig, h: int, w: int) -> Fused:
+    """An image's fused rows -> its Fused, ranked by score (the confidence with ``rank: confidence``)."""
     if cfg.rank == "confidence":
         for r in rows:
             r["score"] = r["confidence"]
@@ -219,26 +246,27 @@ def group_probs(insts: Sequence[Instances], idx: Sequence[int], region: tuple[in
     return np.where(inside, probs, 0.0).astype(np.float32)
 
 
-def _fuse_soft(groups: Sequence[list[tuple[int, int]]], outputs: Sequence[ModelOutput], weights: Sequence[float],
-               total: float, cfg: EnsembleConfig, h: int, w: int, iou: dict) -> list[dict | None]:
-    """``soft`` fusion of many groups at once, every member with a box-frame soft mask: what
-    ``_fuse_group`` does to each, with the members of all groups resampled, averaged, thresholded,
-    boxed, encoded and framed in a few batched calls (groups batched by region size, as the
-    refiner does) -> one row (or None: empty or outside the image) per group, in order."""
-    if not groups:
+def _fuse_soft(jobs: Sequence[tuple[_Image, list[tuple[int, int]]]], cfg: EnsembleConfig) -> list[dict | None]:
+    """``soft`` fusion of many groups at once (``jobs``: (its image, group), images may differ),
+    every member with a box-frame soft mask: what ``_fuse_group`` does to each, with the members
+    of all groups resampled, averaged, thresholded, boxed, encoded and framed in a few batched
+    calls (groups batched by region size, as the refiner does) -> one row (or None: empty or
+    outside the image) per group, in order."""
+    if not jobs:
         return []
-    gm = [(g, m, i) for g, group in enumerate(groups) for m, i in group]
+    gm = [(g, m, i) for g, (_, group) in enumerate(jobs) for m, i in group]
     gi = np.asarray([g for g, _, _ in gm], np.int64)  # each member's group, [M]
-    insts = [outputs[m].instances for _, m, _ in gm]
+    insts = [jobs[g][0].outputs[m].instances for g, m, _ in gm]
     boxes = np.stack([ins.boxes[i] for ins, (_, _, i) in zip(insts, gm)]).astype(np.float32)  # [M, 4]
     maps = np.stack([ins.mask_probs[i] for ins, (_, _, i) in zip(insts, gm)]).astype(np.float32)  # [M, S, S]
-    strength = np.asarray([weights[m] * float(ins.scores[i]) for ins, (_, m, i) in zip(insts, gm)], np.float64)
-    n_g, count = len(groups), np.bincount(gi, minlength=len(groups)).astype(np.float64)
+    strength = np.asarray([jobs[g][0].weights[m] * float(ins.scores[i]) for ins, (g, m, i) in zip(insts, gm)], np.float64)
+    n_g, count = len(jobs), np.bincount(gi, minlength=len(jobs)).astype(np.float64)
+    sizes = np.asarray([(ctx.w, ctx.h) for ctx, _ in jobs], np.int64)  # [G, 2]: each group's image width, height
     denom = np.bincount(gi, strength, minlength=n_g)
     share = np.where(denom[gi] > 0, strength / np.where(denom[gi] > 0, denom[gi], 1.0), 1.0 / count[gi])  # [M]
     lo = np.maximum(np.floor(np.minimum.reduceat(boxes[:, :2], np.r_[0, np.cumsum(count[:-1])].astype(np.int64))), 0)
     hi = np.ceil(np.maximum.reduceat(boxes[:, 2:], np.r_[0, np.cumsum(count[:-1])].astype(np.int64)))
-    regions = np.concatenate([lo, np.minimum(hi, [w, h])], 1).astype(np.int64)  # [G, 4], each group's members' union box
+    regions = np.concatenate([lo, np.minimum(hi, sizes)], 1).astype(np.int64)  # [G, 4], each group's members' union box
     ok = np.nonzero((regions[:, 2] > regions[:, 0]) & (regions[:, 3] > regions[:, 1]))[0]
     out: list[dict | None] = [None] * n_g
     side = (regions[ok, 2:] - regions[ok, :2]).max(1) if len(ok) else np.zeros(0)
@@ -268,7 +296,8 @@ def _fuse_soft(groups: Sequence[list[tuple[int, int]]], outputs: Sequence[ModelO
         tight, frames, nonempty = mask_ops.tight_frames(keep, torch.stack([fused, spread], 1), SOFT_MASK_SIZE)
         frames, nonempty = frames.numpy(), nonempty.numpy()
         done = np.nonzero(nonempty)[0]
-        rles = mask_ops.encode_stack(keep.numpy()[done], regions[gs[done], 0], regions[gs[done], 1], h, w)
+        gd = gs[done]
+        rles = mask_ops.encode_stack(keep.numpy()[done], regions[gd, 0], regions[gd, 1], sizes[gd, 1], sizes[gd, 0])
         tight_np = tight.numpy().astype(np.int64)
         for j, rle in zip(done, rles):
             g = int(gs[j])
@@ -276,20 +305,23 @@ def _fuse_soft(groups: Sequence[list[tuple[int, int]]], outputs: Sequence[ModelO
             fused_rle[g] = rle
             out[g] = {"box": (x0 + int(tight_np[j, 0]), y0 + int(tight_np[j, 1]), x0 + int(tight_np[j, 2]), y0 + int(tight_np[j, 3])),
                       "rle": rle, "probs": frames[j, 0], "spread": frames[j, 1]}
-    if not fused_rle:
-        return out
-    made = sorted(fused_rle)
-    col = {g: n for n, g in enumerate(made)}
-    mine = np.nonzero(np.isin(gi, made))[0]
-    member_iou = mask_ops.iou([insts[j].masks[gm[j][2]] for j in mine], [fused_rle[g] for g in made])  # [M', G']
-    to_fused = {int(j): float(member_iou[n, col[int(gi[j])]]) for n, j in enumerate(mine)}
+    # Each member's IoU with its fused mask, one pycocotools call per image (RLEs of one size).
+    to_fused: dict[int, float] = {}
+    by_image: dict[int, list[int]] = {}
+    for g in sorted(fused_rle):
+        by_image.setdefault(id(jobs[g][0]), []).append(g)
+    for made in by_image.values():
+        col = {g: n for n, g in enumerate(made)}
+        mine = np.nonzero(np.isin(gi, made))[0]
+        member_iou = mask_ops.iou([insts[j].masks[gm[j][2]] for j in mine], [fused_rle[g] for g in made])  # [M', G']
+        to_fused |= {int(j): float(member_iou[n, col[int(gi[j])]]) for n, j in enumerate(mine)}
     start = 0
-    for g, group in enumerate(groups):
+    for g, (ctx, group) in enumerate(jobs):
         rows_of = range(start, start + len(group))
         start += len(group)
         if out[g] is None:
             continue
-        out[g] |= _group_fields(outputs, group, strength[list(rows_of)], [to_fused[j] for j in rows_of], total, cfg, iou)
+        out[g] |= _group_fields(ctx.outputs, group, strength[list(rows_of)], [to_fused[j] for j in rows_of], ctx.total, cfg, ctx.iou)
     return out
 
 

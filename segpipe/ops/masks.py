@@ -65,22 +65,27 @@ def encode_local(local: np.ndarray, x0: int, y0: int, height: int, width: int) -
     return _from_runs(starts, ends, height, width)
 
 
-def encode_stack(stack: np.ndarray, x0: np.ndarray, y0: np.ndarray, height: int, width: int) -> list[RLE]:
+def encode_stack(stack: np.ndarray, x0: np.ndarray, y0: np.ndarray, height: int | np.ndarray,
+                 width: int | np.ndarray) -> list[RLE]:
     """``encode_local`` for a stack at once: ``stack`` [M, h, w] bool, map m placed with its
-    top-left pixel at (``x0[m]``, ``y0[m]``); every 1-pixel must lie inside the image (no cut)
-    -> M full-frame RLEs. The column transitions of all maps come from one diff."""
+    top-left pixel at (``x0[m]``, ``y0[m]``) of an image ``height`` x ``width`` (one size for
+    all, or per map [M]: the maps may come from several images); every 1-pixel must lie inside
+    its image (no cut) -> M full-frame RLEs. The column transitions of all maps come from one diff."""
     check_shape(stack, ["M", "h", "w"], "stack")
     m, h, w = stack.shape
+    heights = np.broadcast_to(np.asarray(height, np.int64), (m,))
+    widths = np.broadcast_to(np.asarray(width, np.int64), (m,))
     padded = np.zeros((m, w, h + 2), dtype=np.int8)
     padded[:, :, 1:-1] = stack.transpose(0, 2, 1)
     diff = np.diff(padded, axis=2)  # [M, w, h + 1]
     ms, col_s, row_s = np.nonzero(diff == 1)  # C order: by map, then column, then row
     me, col_e, row_e = np.nonzero(diff == -1)
     x0, y0 = np.asarray(x0, np.int64), np.asarray(y0, np.int64)
-    starts = (x0[ms] + col_s) * height + (y0[ms] + row_s)
-    ends = (x0[me] + col_e) * height + (y0[me] + row_e)
+    starts = (x0[ms] + col_s) * heights[ms] + (y0[ms] + row_s)
+    ends = (x0[me] + col_e) * heights[me] + (y0[me] + row_e)
     cut_s, cut_e = np.searchsorted(ms, np.arange(m + 1)), np.searchsorted(me, np.arange(m + 1))
-    return [_from_runs(starts[cut_s[k]:cut_s[k + 1]], ends[cut_e[k]:cut_e[k + 1]], height, width) for k in range(m)]
+    return [_from_runs(starts[cut_s[k]:cut_s[k + 1]], ends[cut_e[k]:cut_e[k + 1]], int(heights[k]), int(widths[k]))
+            for k in range(m)]
 
 
 def _from_runs(starts: np.ndarray, ends: np.ndarray, height: int, width: int) -> RLE:

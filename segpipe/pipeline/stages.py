@@ -185,34 +185,53 @@ def fuse_batch(batch: dict[str, np.ndarray], *, models: list[list[str]], config:
                scorer=None) -> dict[str, Any]:
     """Fuse the models' instances of each ok row (``models``: [card name, version] pairs in
     workflow order; ``config``: an ``EnsembleConfig`` as a dict; ``scorer``: the ensemble
-    scorer's ``ScorerWeights`` or None). Errored rows get b'' / ''."""
+    scorer's ``ScorerWeights`` or None), the batch's images in one ``fuse_images`` call. Errored
+    rows get b'' / ''; an image whose fusion fails becomes an error record (stage ``ensemble``)."""
     from segpipe.config import EnsembleConfig
-    from segpipe.ensemble.fuse import ModelOutput, encode_fused, fuse_image
-    from segpipe.structures import Instances
 
     cfg = EnsembleConfig.model_validate(config)
     n = len(batch["uri"])
     preds, metas, ms, cpu = [b""] * n, [""] * n, np.zeros(n, np.float64), np.zeros(n, np.float64)
-    for i in range(n):
-        if batch["error_type"][i]:
-            continue
+    e_stage, e_type, e_msg = list(batch["error_stage"]), list(batch["error_type"]), list(batch["error_message"])
+    ok = [i for i in range(n) if not e_type[i]]
+    if ok:
         t, c = time.perf_counter(), time.process_time()
-        outs = [ModelOutput(name=name, version=version, instances=Instances.from_bytes(batch[f"pred:{name}"][i]))
-                for name, version in models]
-        fused = fuse_image(outs, cfg)
-        if scorer is not None:
-            from segpipe.ensemble.scorer import rescore
-
-            fused = rescore(fused, scorer, cfg.rank)
-        preds[i], metas[i] = encode_fused(fused)
-        ms[i], cpu[i] = (time.perf_counter() - t) * 1000, (time.process_time() - c) * 1000
+        try:
+            for i, enc in zip(ok, _fuse_rows(batch, ok, models, cfg, scorer)):
+                preds[i], metas[i] = enc
+            ms[ok], cpu[ok] = (time.perf_counter() - t) * 1000 / len(ok), (time.process_time() - c) * 1000 / len(ok)
+        except Exception:  # noqa: BLE001 - isolate the failing image, keep the others
+            for i in ok:
+                t, c = time.perf_counter(), time.process_time()
+                try:
+                    preds[i], metas[i] = _fuse_rows(batch, [i], models, cfg, scorer)[0]
+                except Exception as e:  # noqa: BLE001
+                    e_stage[i], e_type[i], e_msg[i] = "ensemble", type(e).__name__, (str(e) or repr(e))[:2000]
+                ms[i], cpu[i] = (time.perf_counter() - t) * 1000, (time.process_time() - c) * 1000
     out = {k: batch[k] for k in batch}
     out["pred:ensemble"] = _object_array(preds)
     out["meta:ensemble"] = np.asarray(metas, dtype=object)
     out["ms:ensemble"] = ms
     out["cpu_ms:ensemble"] = cpu
+    out["error_stage"] = np.asarray(e_stage, dtype=object)
+    out["error_type"] = np.asarray(e_type, dtype=object)
+    out["error_message"] = np.asarray(e_msg, dtype=object)
     _report(meter, "ensemble", n, float(ms.sum()))
     return out
+
+
+def _fuse_rows(batch: dict[str, np.ndarray], rows: list[int], models: list[list[str]], cfg, scorer) -> list[tuple[bytes, str]]:
+    """Fuse rows ``rows`` of ``batch`` in one ``fuse_images`` call -> their ``encode_fused`` pairs."""
+    from segpipe.ensemble.fuse import ModelOutput, encode_fused, fuse_images
+    from segpipe.structures import Instances
+
+    fused = fuse_images([[ModelOutput(name=name, version=version, instances=Instances.from_bytes(batch[f"pred:{name}"][i]))
+                          for name, version in models] for i in rows], cfg)
+    if scorer is not None:
+        from segpipe.ensemble.scorer import rescore
+
+        fused = [rescore(f, scorer, cfg.rank) for f in fused]
+    return [encode_fused(f) for f in fused]
 
 
 class RefineStage:
@@ -234,27 +253,24 @@ class RefineStage:
         self.min_score = min_score
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        from segpipe.ensemble.fuse import decode_fused
-        from segpipe.structures import Instances
-
         n = len(batch["uri"])
         preds, ms, cpu = [b""] * n, np.zeros(n, np.float64), np.zeros(n, np.float64)
         e_stage, e_type, e_msg = list(batch["error_stage"]), list(batch["error_type"]), list(batch["error_message"])
-        for i in range(n):
-            if e_type[i]:
-                continue
+        ok = [i for i in range(n) if not e_type[i]]
+        if ok:  # the batch's images together (they share the refiner's per-call cost)
             t, c = time.perf_counter(), time.process_time()
             try:
-                spread = None
-                if self.source == "ensemble":  # the members' disagreement feeds the point head
-                    fused = decode_fused(batch["pred:ensemble"][i], batch["meta:ensemble"][i])
-                    inst, spread = fused.instances, fused.spread
-                else:
-                    inst = Instances.from_bytes(batch[f"pred:{self.source}"][i])
-                preds[i] = self.refiner.refine(batch["image"][i], inst, spread, self.min_score).to_bytes()
-            except Exception as e:  # noqa: BLE001 - isolate the failing image
-                e_stage[i], e_type[i], e_msg[i] = f"refine:{self.card.name}", type(e).__name__, str(e)[:2000]
-            ms[i], cpu[i] = (time.perf_counter() - t) * 1000, (time.process_time() - c) * 1000
+                for i, inst in zip(ok, self._refine(batch, ok)):
+                    preds[i] = inst.to_bytes()
+                ms[ok], cpu[ok] = (time.perf_counter() - t) * 1000 / len(ok), (time.process_time() - c) * 1000 / len(ok)
+            except Exception:  # noqa: BLE001 - isolate the failing image, keep the others
+                for i in ok:
+                    t, c = time.perf_counter(), time.process_time()
+                    try:
+                        preds[i] = self._refine(batch, [i])[0].to_bytes()
+                    except Exception as e:  # noqa: BLE001
+                        e_stage[i], e_type[i], e_msg[i] = f"refine:{self.card.name}", type(e).__name__, (str(e) or repr(e))[:2000]
+                    ms[i], cpu[i] = (time.perf_counter() - t) * 1000, (time.process_time() - c) * 1000
         out = {k: batch[k] for k in batch if k != "image"}
         out["pred:refined"] = _object_array(preds)
         out["ms:refine"] = ms
@@ -264,3 +280,19 @@ class RefineStage:
         out["error_type"] = np.asarray(e_type, dtype=object)
         out["error_message"] = np.asarray(e_msg, dtype=object)
         return out
+
+    def _refine(self, batch: dict[str, np.ndarray], rows: list[int]) -> list:
+        """Refine rows ``rows`` of ``batch`` in one ``refine_batch`` call -> their Instances."""
+        from segpipe.ensemble.fuse import decode_fused
+        from segpipe.structures import Instances
+
+        insts, spreads = [], []
+        for i in rows:
+            if self.source == "ensemble":  # the members' disagreement feeds the point head
+                fused = decode_fused(batch["pred:ensemble"][i], batch["meta:ensemble"][i])
+                insts.append(fused.instances)
+                spreads.append(fused.spread)
+            else:
+                insts.append(Instances.from_bytes(batch[f"pred:{self.source}"][i]))
+                spreads.append(None)
+        return self.refiner.refine_batch([batch["image"][i] for i in rows], insts, spreads, self.min_score)

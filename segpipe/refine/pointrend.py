@@ -23,6 +23,7 @@ candidates, the rest uniform (the paper's sampling).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import accumulate
 from typing import Sequence
 
@@ -94,6 +95,26 @@ def boundary_points(masks: torch.Tensor, frames: torch.Tensor, k: int, candidate
     near = near_boundary(lambda xy: sample_masks(masks, xy), cand)
     pick = (near.float() + torch.rand(near.shape, device=masks.device) * 0.5).topk(k, dim=1).indices
     return cand.gather(1, pick[..., None].expand(-1, -1, 2))
+
+
+@dataclass(frozen=True)
+class PaddedImages:
+    """fine=patch: one or more images' ``pad_window`` maps, flattened side by side (``flat``
+    [C, L]), and per instance the start of its image in ``flat`` and that image's padded width
+    (``start``, ``width``: int64 [N]), so ``render_pixels`` can serve instances of several images."""
+
+    flat: torch.Tensor
+    start: torch.Tensor
+    width: torch.Tensor
+
+    @classmethod
+    def of(cls, padded: Sequence[torch.Tensor], image_of: torch.Tensor) -> "PaddedImages":
+        """``padded`` [C, Hp_b, Wp_b] per image b; ``image_of`` int64 [N]: each instance's image."""
+        flats = [q.reshape(q.shape[0], -1) for q in padded]
+        starts = torch.tensor([0, *accumulate(f.shape[1] for f in flats)][:-1], dtype=torch.int64, device=image_of.device)
+        widths = torch.tensor([q.shape[-1] for q in padded], dtype=torch.int64, device=image_of.device)
+        flat = flats[0] if len(flats) == 1 else torch.cat(flats, 1)
+        return cls(flat=flat, start=starts[image_of], width=widths[image_of])
 
 
 def cell_centres(res: int, idx: torch.Tensor) -> torch.Tensor:
@@ -271,8 +292,8 @@ class PointRendRefiner(nn.Module):
         return logits, dis
 
     @torch.no_grad()
-    def render_pixels(self, feats: torch.Tensor, logits: torch.Tensor, frames: torch.Tensor, regions: torch.Tensor,
-                      disagreement: torch.Tensor | None = None, padded: torch.Tensor | None = None) -> torch.Tensor:
+    def render_pixels(self, feats: torch.Tensor | None, logits: torch.Tensor, frames: torch.Tensor, regions: torch.Tensor,
+                      disagreement: torch.Tensor | None = None, padded: "PaddedImages | None" = None) -> torch.Tensor:
         """The last subdivision step, on the image's own pixel grid: each instance's frame map
         (``logits`` [N, R, R] over xyxy ``frames`` [N, 4]; ``disagreement`` alike or None) is read
         bilinearly at the pixel centres of its integer ``regions`` (xyxy [N, 4], inside the image),
@@ -280,8 +301,9 @@ class PointRendRefiner(nn.Module):
         (h, w the largest region's; instance i's map is [:, :y1 - y0, :x1 - x0], the rest padding).
         With ``fine=patch`` every window read falls on pixel centres, so the windows are gathered
         by integer index from the image and from the maps read once per pixel (the same values
-        ``point_inputs`` would interpolate, without a sampling grid per window pixel); ``padded``
-        is ``pad_window(feats)`` when the caller has it already (several calls on one image)."""
+        ``point_inputs`` would interpolate, without a sampling grid per window pixel). ``padded``
+        (``PaddedImages``; fine=patch only) gives each instance's padded image instead of
+        ``feats``: the instances may then come from several images, and ``feats`` is unused."""
         p = self.params
         n = logits.shape[0]
         r = p.patch // 2 if self.features is None else 0  # the maps are read r pixels past each region
@@ -296,19 +318,24 @@ class PointRendRefiner(nn.Module):
         dis = maps[:, -1, r:r + h, r:r + w].reshape(n, -1) if disagreement is not None else None
         if self.features is None:
             ox, oy = self.offsets[:, 0].long(), self.offsets[:, 1].long()  # [K], row-major window order
-            img = self.pad_window(feats) if padded is None else padded
-            iw = img.shape[-1]
+            win = padded if padded is not None else PaddedImages.of([self.pad_window(feats)], torch.zeros(n, dtype=torch.int64))
+            one_width = bool((win.width == win.width[0]).all()) if n else True
+            step = (oy * win.width[0] + ox)[None] if one_width and n else None  # [1, K]: the window in win.flat
+            # The coarse window's input, logit(p) / 4, for every pixel of the maps at once (fewer
+            # pixels than windows read), gathered per point below.
+            coarse_in = torch.logit(maps[:, 1].clamp(EPS, 1 - EPS)).div_(4.0).reshape(-1) if p.coarse_patch else None
 
             def inputs(i: torch.Tensor, cells: torch.Tensor) -> list[torch.Tensor]:
                 a, b = cells % w, cells // w  # the point's column and row in its region
-                centre = (regions[i, 1] + b + r) * iw + (regions[i, 0] + a + r)  # its pixel in the padded image
-                lin = (centre[:, None] + (oy * iw + ox)[None]).reshape(-1)  # [M * K]
-                parts = list(img.reshape(img.shape[0], -1).index_select(1, lin).reshape(img.shape[0], -1, ox.numel()))
-                if p.coarse_patch:
+                iw = win.width[i]
+                centre = win.start[i] + (regions[i, 1] + b + r) * iw + (regions[i, 0] + a + r)  # its pixel in win.flat
+                lin = (centre[:, None] + (step if step is not None else oy[None] * iw[:, None] + ox[None])).reshape(-1)
+                c_in = win.flat.shape[0]
+                parts = list(win.flat.index_select(1, lin).reshape(c_in, -1, ox.numel()))  # [M * K] reads per channel
+                if coarse_in is not None:
                     centre = i * (hp * wp) + (b + r) * wp + (a + r)
                     lin = (centre[:, None] + (oy * wp + ox)[None]).reshape(-1)
-                    c = maps[:, 1].reshape(-1).index_select(0, lin).reshape(-1, ox.numel())
-                    parts.append(torch.logit(c.clamp_(EPS, 1 - EPS)).div_(4.0))
+                    parts.append(coarse_in.index_select(0, lin).reshape(-1, ox.numel()))
                 return parts
         else:
             def inputs(i: torch.Tensor, cells: torch.Tensor) -> list[torch.Tensor]:
