@@ -1,7 +1,8 @@
 """Re-fuse a finished run from its persisted raw predictions, without running any model.
 
 Reads the run's committed ``predictions/`` (every model's instances with their box-frame soft
-masks) and ``images/`` shard by shard, fuses each image with ``fuse.fuse_image`` under a new
+masks) and ``images/`` shard by shard (``runs.shard_predictions``), fuses the images with
+``fuse.fuse_images`` (a few per call) under a new
 ``EnsembleConfig``, and writes a new output (``instances/`` from the ensemble, the same raw
 ``predictions/``, ``images/`` with updated counts, ``coco/instances.json``, ``_segpipe/run.json``)
 that ``segpipe eval`` and ``segpipe ensemble`` read like any run. Memory: one shard of predictions at a time.
@@ -13,15 +14,14 @@ import time
 from collections import defaultdict
 from datetime import datetime, timezone
 
-import pyarrow.parquet as pq
-
 from segpipe.config import EnsembleConfig, OutputConfig, Strict
-from segpipe.ensemble.fuse import ModelOutput, fuse_image
+from segpipe.ensemble.fuse import fuse_images
+from segpipe.ensemble.runs import FUSE_BATCH, shard_predictions
 from segpipe.ensemble.scorer import rescore
-from segpipe.io.fs import resolve
 from segpipe.sinks.coco import write_coco
-from segpipe.sinks.tables import SCHEMAS, ensemble_rows, rows_to_instances, to_table
-from segpipe.sinks.writer import RunWriter, read_manifest, read_markers
+from segpipe.sinks.tables import ensemble_rows, to_table
+from segpipe.sinks.writer import RunWriter, read_manifest
+
 
 
 class RefuseError(ValueError):
@@ -54,46 +54,33 @@ def refuse_run(run_uri: str, out_uri: str, cfg: EnsembleConfig, output: OutputCo
         if sorted(scorer.models) != sorted(n for n, _ in models):
             raise RefuseError(f"ensemble.scorer: {cfg.scorer} was trained for the models {sorted(scorer.models)}, the run "
                              f"has {sorted(n for n, _ in models)}")
-    fs, root = resolve(run_uri)
-    markers = read_markers(fs, root)
     writer = RunWriter(out_uri, run_id, storage_options=output.storage.options(out_uri))
     writer.start()
     totals = defaultdict(int)
     fuse_ms = 0.0
-    for shard, mk in sorted(markers.items()):
-        raw = {}
-        for t in ("images", "predictions"):
-            with fs.open(f"{root}/{mk['tables'][t]}", "rb") as f:
-                raw[t] = pq.read_table(f).cast(SCHEMAS[t])
-        tables = {t: v.to_pylist() for t, v in raw.items()}
-        by_image: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-        for r in tables["predictions"]:
-            by_image[r["image_id"]][r["source"]].append(r)
-        out_rows, images = [], []
-        for im in tables["images"]:
-            im = dict(im, run_id=run_id)
-            if im["status"] == "ok":
-                t = time.perf_counter()
-                outs = [ModelOutput(name=n, version=v, instances=rows_to_instances(by_image[im["image_id"]].get(n, []),
-                                                                                   im["height"], im["width"]))
-                        for n, v in models]
-                fused = fuse_image(outs, cfg)
+    for sp in shard_predictions(run_uri):
+        images = [dict(im, run_id=run_id) for im in sp.images]
+        ok = [im for im in images if im["status"] == "ok"]
+        out_rows = []
+        for s in range(0, len(ok), FUSE_BATCH):  # a few images per fusion call: shared cost, bounded memory
+            chunk = ok[s:s + FUSE_BATCH]
+            t = time.perf_counter()
+            fused = fuse_images([sp.outputs(im, models) for im in chunk], cfg)
+            for im, f in zip(chunk, fused):
                 if scorer is not None:
-                    fused = rescore(fused, scorer, cfg.rank)
-                rows = ensemble_rows(fused, run_id=run_id, image_id=im["image_id"], image_uri=im["uri"],
+                    f = rescore(f, scorer, cfg.rank)
+                rows = ensemble_rows(f, run_id=run_id, image_id=im["image_id"], image_uri=im["uri"],
                                      category_names=names, min_score=output.min_score,
                                      min_confidence=output.min_confidence, min_votes=output.min_votes)
-                fuse_ms += (time.perf_counter() - t) * 1000
                 out_rows.extend(rows)
                 im["n_instances"] = len(rows)
-            images.append(im)
-        counts = {"images": len(images), "ok": sum(i["status"] == "ok" for i in images),
-                  "errors": sum(i["status"] != "ok" for i in images), "instances": len(out_rows)}
-        writer.write_shard(shard, {"instances": to_table("instances", out_rows), "predictions": raw["predictions"],
-                                   "images": to_table("images", images)}, {"counts": counts})
+            fuse_ms += (time.perf_counter() - t) * 1000
+        counts = {"images": len(images), "ok": len(ok), "errors": len(images) - len(ok), "instances": len(out_rows)}
+        writer.write_shard(sp.shard, {"instances": to_table("instances", out_rows), "predictions": sp.predictions,
+                                      "images": to_table("images", images)}, {"counts": counts})
         for k, v in counts.items():
             totals[k] += v
-        progress(f"shard {shard}: {counts['ok']} images, {counts['instances']} fused instances")
+        progress(f"shard {sp.shard}: {counts['ok']} images, {counts['instances']} fused instances")
     coco = write_coco(writer, cats) if output.coco else None
     new = {
         "run_id": run_id,

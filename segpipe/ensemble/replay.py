@@ -2,8 +2,9 @@
 refiner's priors and the ensemble scorer learn from (``segpipe train pointrend|scorer --priors RUN``).
 
 The run's persisted raw ``predictions/`` are re-fused with the run's own ensemble config (no model
-runs); images are paired with the ground truth by their path relative to the run's source, which
-must equal the annotation's ``file_name``. Memory: one shard of predictions at a time.
+runs; ``runs.shard_predictions``); images are paired with the ground truth by their path relative
+to the run's source, which must equal the annotation's ``file_name``. Memory: one shard of
+predictions at a time.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from typing import Iterator
 
 from segpipe.config import EnsembleConfig
 from segpipe.data.coco import ann_rle, read_json
-from segpipe.ensemble.fuse import Fused, ModelOutput, fuse_image
+from segpipe.ensemble.fuse import Fused, fuse_images
+from segpipe.ensemble.runs import FUSE_BATCH, shard_predictions
 from segpipe.io.fs import resolve
-from segpipe.sinks.tables import rows_to_instances
 from segpipe.sinks.writer import read_committed, read_manifest
+
 
 
 class ReplayError(ValueError):
@@ -75,15 +77,14 @@ def fused_with_truth(run: RunEnsemble, ann_uri: str, image_dir: str | None = Non
             if digest != r["sha256"]:
                 raise ReplayError(f"{run.uri} labelled another {r['relpath']} than {image_dir} holds (sha256 "
                                   f"{r['sha256'][:12]} against {digest[:12]}): not a run over these images")
-    for shard in sorted({r["shard"] for r in images}):
-        rows: dict[int, dict[str, list]] = defaultdict(lambda: defaultdict(list))
-        for r in read_committed(run.uri, "predictions", shards=[shard]).to_pylist():
-            rows[r["image_id"]][r["source"]].append(r)
-        for im in (r for r in images if r["shard"] == shard):
-            outs = [ModelOutput(n, v, rows_to_instances(rows[im["image_id"]].get(n, []), im["height"], im["width"]))
-                    for n, v in run.models]
-            info = by_name[im["relpath"]]
-            a = anns.get(info["id"], [])
-            yield FusedImage(file_name=im["relpath"], fused=fuse_image(outs, run.config),
-                             gt_rles=[ann_rle(x["segmentation"], info["height"], info["width"]) for x in a],
-                             gt_ids=[x["id"] for x in a])
+    wanted = {r["image_id"] for r in images}
+    for sp in shard_predictions(run.uri, shards={r["shard"] for r in images}):
+        todo = [im for im in sp.images if im["image_id"] in wanted]
+        for s in range(0, len(todo), FUSE_BATCH):  # a few images per fusion call: shared cost, bounded memory
+            chunk = todo[s:s + FUSE_BATCH]
+            for im, fused in zip(chunk, fuse_images([sp.outputs(im, run.models) for im in chunk], run.config)):
+                info = by_name[im["relpath"]]
+                a = anns.get(info["id"], [])
+                yield FusedImage(file_name=im["relpath"], fused=fused,
+                                 gt_rles=[ann_rle(x["segmentation"], info["height"], info["width"]) for x in a],
+                                 gt_ids=[x["id"] for x in a])
