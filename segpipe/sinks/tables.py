@@ -115,30 +115,23 @@ def instance_rows(
         if areas[i] == 0:
             continue  # a box whose mask thresholded to nothing is not an instance
         score = float(inst.scores[i])
-        rows.append(
-            {
-                "run_id": run_id,
-                "image_id": image_id,
-                "image_uri": image_uri,
-                "category_id": int(inst.labels[i]),
-                "category_name": category_names.get(int(inst.labels[i])),
-                "score": score,
-                "bbox": [float(v) for v in boxes[i]],
-                "area": int(areas[i]),
-                "mask_rle": inst.masks[i]["counts"],
-                "mask_height": inst.height,
-                "mask_width": inst.width,
-                "source": model,
-                "members": [{"model": model, "model_version": model_version, "score": score, "iou": 1.0}],
-                "n_votes": 1,
-                "agreement": None,
-                "confidence": score,
-                "refined_by": None,
-                "model_versions": [model_version],
-                **_soft(inst, i),
-            }
-        )
+        rows.append(_mask_row(inst, i, boxes[i], int(areas[i]), run_id=run_id, image_id=image_id, image_uri=image_uri,
+                              category_names=category_names) | {
+            "source": model,
+            "members": [{"model": model, "model_version": model_version, "score": score, "iou": 1.0}],
+            "n_votes": 1, "agreement": None, "confidence": score, "refined_by": None, "model_versions": [model_version],
+        })
     return rows
+
+
+def _mask_row(inst: Instances, i: int, bbox, area: int, *, run_id: str, image_id: int, image_uri: str,
+              category_names: dict[int, str]) -> dict:
+    """The instances-table fields every source shares, for instance ``i`` (``bbox`` COCO xywh of
+    its mask, ``area`` its pixels): ids, category, score, box, RLE, image size, soft mask."""
+    return {"run_id": run_id, "image_id": image_id, "image_uri": image_uri,
+            "category_id": int(inst.labels[i]), "category_name": category_names.get(int(inst.labels[i])),
+            "score": float(inst.scores[i]), "bbox": [float(v) for v in bbox], "area": area,
+            "mask_rle": inst.masks[i]["counts"], "mask_height": inst.height, "mask_width": inst.width, **_soft(inst, i)}
 
 
 def ensemble_rows(fused, *, run_id: str, image_id: int, image_uri: str, category_names: dict[int, str],
@@ -154,16 +147,12 @@ def ensemble_rows(fused, *, run_id: str, image_id: int, image_uri: str, category
         if areas[i] == 0 or score < min_score or conf < min_confidence or votes < min_votes:
             continue
         members = fused.members[i]
-        rows.append({
-            "run_id": run_id, "image_id": image_id, "image_uri": image_uri,
-            "category_id": int(inst.labels[i]), "category_name": category_names.get(int(inst.labels[i])),
-            "score": score, "bbox": [float(v) for v in boxes[i]], "area": int(areas[i]),
-            "mask_rle": inst.masks[i]["counts"], "mask_height": inst.height, "mask_width": inst.width,
+        rows.append(_mask_row(inst, i, boxes[i], int(areas[i]), run_id=run_id, image_id=image_id, image_uri=image_uri,
+                              category_names=category_names) | {
             "source": "ensemble",
             "members": [{"model": m.model, "model_version": m.model_version, "score": m.score, "iou": m.iou} for m in members],
             "n_votes": votes, "agreement": fused.agreement[i], "confidence": conf, "refined_by": None,
             "model_versions": sorted({m.model_version for m in members}),
-            **_soft(inst, i),
         })
     return rows
 
