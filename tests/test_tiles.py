@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from segpipe.ops import masks as mask_ops
-from segpipe.ops.tiles import (Tile, axis_starts, cut_by_internal_edge, intersection_over_smaller, merge_greedy, merge_tiles,
+from segpipe.ops.tiles import (Tile, axis_starts, cut_by_internal_edge, merge_greedy, merge_tiles, sparse_ios,
                                owns, plan_tiles, shift)
 from segpipe.structures import Instances
 
@@ -89,16 +89,27 @@ def test_cut_and_owned():
     assert owns(boxes, t).tolist() == [False, True, False, True]  # centre x 15 is the core's first column
 
 
+def _dense_ios(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Reference IoS of dense bool masks [N, H, W] x [M, H, W] -> [N, M] (0 where either is empty)."""
+    inter = np.einsum("nhw,mhw->nm", a.astype(np.int64), b.astype(np.int64)).astype(np.float64)
+    smaller = np.minimum(a.sum((1, 2))[:, None], b.sum((1, 2))[None, :]).astype(np.float64)
+    return np.where(smaller > 0, inter / np.maximum(smaller, 1), 0.0)
+
+
+def _xyxy(m: np.ndarray) -> np.ndarray:
+    ys, xs = np.nonzero(m)
+    return np.array([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], np.float64)
+
+
 def test_ios_known_values():
     a = np.zeros((2, 10, 10), bool)
     a[0, :4, :4] = True  # 16 px
     a[1, :2, :2] = True  # 4 px, inside a[0]
-    ra = mask_ops.encode(a.astype(np.uint8))
-    ios = intersection_over_smaller(ra, ra)
-    np.testing.assert_allclose(ios, [[1, 1], [1, 1]])
+    ra, ba = mask_ops.encode(a.astype(np.uint8)), np.stack([_xyxy(m) for m in a])
+    assert sparse_ios(ra, ba, ra, ba) == {(0, 0): 1.0, (0, 1): 1.0, (1, 0): 1.0, (1, 1): 1.0}
     b = np.zeros((1, 10, 10), bool)
-    b[0, 2:6, 2:6] = True  # overlaps a[0] on 4 px
-    np.testing.assert_allclose(intersection_over_smaller(ra, mask_ops.encode(b.astype(np.uint8)))[:, 0], [0.25, 0.0])
+    b[0, 2:6, 2:6] = True  # overlaps a[0] on 4 px; a[1]'s box misses it
+    assert sparse_ios(ra, ba, mask_ops.encode(b.astype(np.uint8)), _xyxy(b[0])[None]) == {(0, 0): 0.25}
 
 
 def test_merge_greedy_unions_by_class():
@@ -153,7 +164,7 @@ def test_merge_tiles_keeps_nothing_from_empty_tiles():
 
 
 def test_overlapping_pairs_equal_brute_force_and_sparse_ios_the_dense_one():
-    from segpipe.ops.tiles import overlapping_pairs, sparse_ios
+    from segpipe.ops.tiles import overlapping_pairs
 
     rng = np.random.default_rng(3)
     for _ in range(20):
@@ -170,7 +181,7 @@ def test_overlapping_pairs_equal_brute_force_and_sparse_ios_the_dense_one():
         y, x = rng.integers(0, 48, 2)
         m[k, y:y + 16, x:x + 12] = 1
     inst = _inst(m.astype(bool), np.linspace(0.9, 0.4, 6))
-    dense = intersection_over_smaller(inst.masks, inst.masks)
+    dense = _dense_ios(m.astype(bool), m.astype(bool))
     sparse = sparse_ios(inst.masks, inst.boxes, inst.masks, inst.boxes)
     for i in range(6):
         for j in range(6):

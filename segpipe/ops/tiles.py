@@ -109,19 +109,6 @@ def owns(boxes_xyxy: np.ndarray, tile: Tile) -> np.ndarray:
     return (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
 
 
-def intersection_over_smaller(a: Sequence[dict], b: Sequence[dict]) -> np.ndarray:
-    """[N, M] |a ∩ b| / min(|a|, |b|) of RLE masks (0 where either is empty)."""
-    if len(a) == 0 or len(b) == 0:
-        return np.zeros((len(a), len(b)))
-    ab, bb = [mask_ops.as_bytes(r) for r in a], [mask_ops.as_bytes(r) for r in b]
-    over_a = np.asarray(mask_utils.iou(ab, bb, [1] * len(bb)), np.float64).reshape(len(a), len(b))  # |a∩b| / |a|
-    area_a = mask_ops.area(a).astype(np.float64)
-    area_b = mask_ops.area(b).astype(np.float64)
-    inter = over_a * area_a[:, None]
-    smaller = np.minimum(area_a[:, None], area_b[None, :])
-    return np.where(smaller > 0, inter / np.maximum(smaller, 1), 0.0)
-
-
 def overlapping_pairs(a_xyxy: np.ndarray, b_xyxy: np.ndarray, cell: float = 256.0) -> tuple[np.ndarray, np.ndarray]:
     """Index pairs (i, j) whose boxes intersect (positive area), found through a uniform grid
     of ``cell``-pixel buckets: O(N + M + pairs) memory instead of N x M."""
