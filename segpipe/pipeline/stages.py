@@ -39,6 +39,44 @@ def _report(meter, stage: str, images: int, busy_ms: float) -> None:
         meter.add.remote(stage, images, busy_ms, ray.get_runtime_context().get_worker_id())
 
 
+class _RowLog:
+    """One batch's per-row bookkeeping for a stage: the error columns (carried over from the
+    input) and each row's wall ms, process CPU ms, and (for a model) forward wall and CPU ms."""
+
+    def __init__(self, batch: dict[str, np.ndarray]) -> None:
+        n = len(batch["uri"])
+        self.e_stage, self.e_type, self.e_msg = (list(batch[k]) for k in ("error_stage", "error_type", "error_message"))
+        self.ms, self.cpu_ms, self.fwd, self.fwd_cpu = (np.zeros(n, np.float64) for _ in range(4))
+
+    def ok(self) -> list[int]:
+        """The rows without an error so far."""
+        return [i for i in range(len(self.ms)) if not self.e_type[i]]
+
+    def run(self, rows: list[int], fn, stage: str) -> None:
+        """``fn(rows)`` on all ``rows`` at once (it stores its own results and returns the
+        adapter's step timings or None; the costs are shared evenly). When it raises, each row
+        is retried alone, and a row that fails alone becomes an error record of ``stage``."""
+        t, c = time.perf_counter(), time.process_time()
+        try:
+            steps = fn(rows) or {}
+        except Exception as e:  # noqa: BLE001 - isolate the failing row, keep the others
+            if len(rows) == 1:
+                # repr when str is empty (a bare assert): an error record always says something
+                self.e_stage[rows[0]], self.e_type[rows[0]], self.e_msg[rows[0]] = stage, type(e).__name__, (str(e) or repr(e))[:2000]
+                steps = {}
+            else:
+                for i in rows:
+                    self.run([i], fn, stage)
+                return
+        k = len(rows)
+        self.ms[rows], self.cpu_ms[rows] = (time.perf_counter() - t) * 1000 / k, (time.process_time() - c) * 1000 / k
+        self.fwd[rows], self.fwd_cpu[rows] = steps.get("forward", 0.0) / k, steps.get("forward_cpu", 0.0) / k
+
+    def errors(self) -> dict[str, np.ndarray]:
+        return {"error_stage": np.asarray(self.e_stage, dtype=object), "error_type": np.asarray(self.e_type, dtype=object),
+                "error_message": np.asarray(self.e_msg, dtype=object)}
+
+
 def read_decode(batch: dict[str, np.ndarray], *, max_pixels: int, max_bytes: int, storage_options: dict | None = None,
                 meter=None) -> dict[str, Any]:
     """Read each ``uri`` through fsspec and decode it; failures become error columns, never raise."""
@@ -127,56 +165,38 @@ class ModelStage:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["uri"])
         cached = batch.get(f"cached:{self.name}")  # incremental: an earlier run's prediction rides along
-        ok = [i for i in range(n) if not batch["error_type"][i] and not (cached is not None and cached[i])]
+        log = _RowLog(batch)
+        ok = [i for i in log.ok() if not (cached is not None and cached[i])]
         tiled = [i for i in ok if self._tiles(batch["image"][i])]
         ok = [i for i in ok if i not in tiled]
         preds = [b""] * n if cached is None else [batch[f"pred:{self.name}"][i] if cached[i] else b"" for i in range(n)]
-        ms, fwd, cpu = np.zeros(n, np.float64), np.zeros(n, np.float64), np.zeros(n, np.float64)
-        pcpu = np.zeros(n, np.float64)  # the whole predict's process CPU ms (pre/post-processing included)
-        e_stage, e_type, e_msg = list(batch["error_stage"]), list(batch["error_type"]), list(batch["error_message"])
         t_batch = time.perf_counter()
-        if ok:
-            t, c = time.perf_counter(), time.process_time()
+
+        def predict(rows: list[int]) -> dict[str, float]:
             steps: dict[str, float] = {}
-            try:
-                results = self.adapter.predict([batch["image"][i] for i in ok], steps)
-                per = (time.perf_counter() - t) * 1000 / len(ok)
-                per_cpu = (time.process_time() - c) * 1000 / len(ok)
-                for i, inst in zip(ok, results):
-                    preds[i] = inst.to_bytes()
-                    ms[i], pcpu[i] = per, per_cpu
-                    fwd[i], cpu[i] = steps["forward"] / len(ok), steps["forward_cpu"] / len(ok)
-            except Exception:  # noqa: BLE001 - isolate the failing image, keep the others
-                for i in ok:
-                    t1, c1 = time.perf_counter(), time.process_time()
-                    steps = {}
-                    try:
-                        preds[i] = self.adapter.predict([batch["image"][i]], steps)[0].to_bytes()
-                    except Exception as e:  # noqa: BLE001
-                        # repr when str is empty (a bare assert): an error record always says something
-                        e_stage[i], e_type[i], e_msg[i] = f"model:{self.name}", type(e).__name__, (str(e) or repr(e))[:2000]
-                    ms[i], pcpu[i] = (time.perf_counter() - t1) * 1000, (time.process_time() - c1) * 1000
-                    fwd[i], cpu[i] = steps.get("forward", 0.0), steps.get("forward_cpu", 0.0)
-        if tiled:
+            for i, inst in zip(rows, self.adapter.predict([batch["image"][i] for i in rows], steps)):
+                preds[i] = inst.to_bytes()
+            return steps
+
+        def predict_tiled(rows: list[int]) -> dict[str, float]:
             from segpipe.modeling.tiled import tiled_predict
+
+            steps: dict[str, float] = {}
+            preds[rows[0]] = tiled_predict(self.adapter, batch["image"][rows[0]], self.tile, self.tiling, self.batch_size,
+                                           steps).to_bytes()
+            return steps
+
+        if ok:
+            log.run(ok, predict, f"model:{self.name}")
         for i in tiled:
-            t1, c1 = time.perf_counter(), time.process_time()
-            steps = {}
-            try:
-                preds[i] = tiled_predict(self.adapter, batch["image"][i], self.tile, self.tiling, self.batch_size, steps).to_bytes()
-            except Exception as e:  # noqa: BLE001
-                e_stage[i], e_type[i], e_msg[i] = f"model:{self.name}", type(e).__name__, (str(e) or repr(e))[:2000]
-            ms[i], pcpu[i] = (time.perf_counter() - t1) * 1000, (time.process_time() - c1) * 1000
-            fwd[i], cpu[i] = steps.get("forward", 0.0), steps.get("forward_cpu", 0.0)
+            log.run([i], predict_tiled, f"model:{self.name}")
         out = {k: batch[k] for k in batch if self.keep_image or k != "image"}
         out[f"pred:{self.name}"] = _object_array(preds)
-        out[f"ms:{self.name}"] = ms
-        out[f"fwd:{self.name}"] = fwd
-        out[f"cpu:{self.name}"] = cpu
-        out[f"cpu_ms:{self.name}"] = pcpu
-        out["error_stage"] = np.asarray(e_stage, dtype=object)
-        out["error_type"] = np.asarray(e_type, dtype=object)
-        out["error_message"] = np.asarray(e_msg, dtype=object)
+        out[f"ms:{self.name}"] = log.ms
+        out[f"fwd:{self.name}"] = log.fwd
+        out[f"cpu:{self.name}"] = log.fwd_cpu
+        out[f"cpu_ms:{self.name}"] = log.cpu_ms  # the whole predict's process CPU ms (pre/post-processing included)
+        out.update(log.errors())
         _report(self.meter, self.name, n, (time.perf_counter() - t_batch) * 1000)
         return out
 
@@ -191,32 +211,23 @@ def fuse_batch(batch: dict[str, np.ndarray], *, models: list[list[str]], config:
 
     cfg = EnsembleConfig.model_validate(config)
     n = len(batch["uri"])
-    preds, metas, ms, cpu = [b""] * n, [""] * n, np.zeros(n, np.float64), np.zeros(n, np.float64)
-    e_stage, e_type, e_msg = list(batch["error_stage"]), list(batch["error_type"]), list(batch["error_message"])
-    ok = [i for i in range(n) if not e_type[i]]
+    preds, metas = [b""] * n, [""] * n
+    log = _RowLog(batch)
+
+    def fuse(rows: list[int]) -> None:
+        for i, enc in zip(rows, _fuse_rows(batch, rows, models, cfg, scorer)):
+            preds[i], metas[i] = enc
+
+    ok = log.ok()
     if ok:
-        t, c = time.perf_counter(), time.process_time()
-        try:
-            for i, enc in zip(ok, _fuse_rows(batch, ok, models, cfg, scorer)):
-                preds[i], metas[i] = enc
-            ms[ok], cpu[ok] = (time.perf_counter() - t) * 1000 / len(ok), (time.process_time() - c) * 1000 / len(ok)
-        except Exception:  # noqa: BLE001 - isolate the failing image, keep the others
-            for i in ok:
-                t, c = time.perf_counter(), time.process_time()
-                try:
-                    preds[i], metas[i] = _fuse_rows(batch, [i], models, cfg, scorer)[0]
-                except Exception as e:  # noqa: BLE001
-                    e_stage[i], e_type[i], e_msg[i] = "ensemble", type(e).__name__, (str(e) or repr(e))[:2000]
-                ms[i], cpu[i] = (time.perf_counter() - t) * 1000, (time.process_time() - c) * 1000
+        log.run(ok, fuse, "ensemble")
     out = {k: batch[k] for k in batch}
     out["pred:ensemble"] = _object_array(preds)
     out["meta:ensemble"] = np.asarray(metas, dtype=object)
-    out["ms:ensemble"] = ms
-    out["cpu_ms:ensemble"] = cpu
-    out["error_stage"] = np.asarray(e_stage, dtype=object)
-    out["error_type"] = np.asarray(e_type, dtype=object)
-    out["error_message"] = np.asarray(e_msg, dtype=object)
-    _report(meter, "ensemble", n, float(ms.sum()))
+    out["ms:ensemble"] = log.ms
+    out["cpu_ms:ensemble"] = log.cpu_ms
+    out.update(log.errors())
+    _report(meter, "ensemble", n, float(log.ms.sum()))
     return out
 
 
@@ -254,31 +265,22 @@ class RefineStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["uri"])
-        preds, ms, cpu = [b""] * n, np.zeros(n, np.float64), np.zeros(n, np.float64)
-        e_stage, e_type, e_msg = list(batch["error_stage"]), list(batch["error_type"]), list(batch["error_message"])
-        ok = [i for i in range(n) if not e_type[i]]
-        if ok:  # the batch's images together (they share the refiner's per-call cost)
-            t, c = time.perf_counter(), time.process_time()
-            try:
-                for i, inst in zip(ok, self._refine(batch, ok)):
-                    preds[i] = inst.to_bytes()
-                ms[ok], cpu[ok] = (time.perf_counter() - t) * 1000 / len(ok), (time.process_time() - c) * 1000 / len(ok)
-            except Exception:  # noqa: BLE001 - isolate the failing image, keep the others
-                for i in ok:
-                    t, c = time.perf_counter(), time.process_time()
-                    try:
-                        preds[i] = self._refine(batch, [i])[0].to_bytes()
-                    except Exception as e:  # noqa: BLE001
-                        e_stage[i], e_type[i], e_msg[i] = f"refine:{self.card.name}", type(e).__name__, (str(e) or repr(e))[:2000]
-                    ms[i], cpu[i] = (time.perf_counter() - t) * 1000, (time.process_time() - c) * 1000
+        preds = [b""] * n
+        log = _RowLog(batch)
+
+        def refine(rows: list[int]) -> None:  # the rows' images together: they share the refiner's per-call cost
+            for i, inst in zip(rows, self._refine(batch, rows)):
+                preds[i] = inst.to_bytes()
+
+        ok = log.ok()
+        if ok:
+            log.run(ok, refine, f"refine:{self.card.name}")
         out = {k: batch[k] for k in batch if k != "image"}
         out["pred:refined"] = _object_array(preds)
-        out["ms:refine"] = ms
-        out["cpu_ms:refine"] = cpu
-        _report(self.meter, "refine", n, float(ms.sum()))
-        out["error_stage"] = np.asarray(e_stage, dtype=object)
-        out["error_type"] = np.asarray(e_type, dtype=object)
-        out["error_message"] = np.asarray(e_msg, dtype=object)
+        out["ms:refine"] = log.ms
+        out["cpu_ms:refine"] = log.cpu_ms
+        out.update(log.errors())
+        _report(self.meter, "refine", n, float(log.ms.sum()))
         return out
 
     def _refine(self, batch: dict[str, np.ndarray], rows: list[int]) -> list:
