@@ -1,8 +1,8 @@
 """Re-fuse a finished run from its persisted raw predictions, without running any model.
 
 Reads the run's committed ``predictions/`` (every model's instances with their box-frame soft
-masks) and ``images/`` shard by shard (``runs.shard_predictions``), fuses the images with
-``fuse.fuse_images`` (a few per call) under a new
+masks) and ``images/`` shard by shard (``runs.shard_predictions``), fuses the images (a few
+per ``fuse.fuse_images`` call) under a new
 ``EnsembleConfig``, and writes a new output (``instances/`` from the ensemble, the same raw
 ``predictions/``, ``images/`` with updated counts, ``coco/instances.json``, ``_segpipe/run.json``)
 that ``segpipe eval`` and ``segpipe ensemble`` read like any run. Memory: one shard of predictions at a time.
@@ -15,13 +15,11 @@ from collections import defaultdict
 from datetime import datetime, timezone
 
 from segpipe.config import EnsembleConfig, OutputConfig, Strict
-from segpipe.ensemble.fuse import fuse_images
-from segpipe.ensemble.runs import FUSE_BATCH, shard_predictions
+from segpipe.ensemble.runs import shard_predictions
 from segpipe.ensemble.scorer import rescore
 from segpipe.sinks.coco import write_coco
 from segpipe.sinks.tables import ensemble_rows, to_table
 from segpipe.sinks.writer import RunWriter, read_manifest
-
 
 
 class RefuseError(ValueError):
@@ -62,19 +60,16 @@ def refuse_run(run_uri: str, out_uri: str, cfg: EnsembleConfig, output: OutputCo
         images = [dict(im, run_id=run_id) for im in sp.images]
         ok = [im for im in images if im["status"] == "ok"]
         out_rows = []
-        for s in range(0, len(ok), FUSE_BATCH):  # a few images per fusion call: shared cost, bounded memory
-            chunk = ok[s:s + FUSE_BATCH]
-            t = time.perf_counter()
-            fused = fuse_images([sp.outputs(im, models) for im in chunk], cfg)
-            for im, f in zip(chunk, fused):
-                if scorer is not None:
-                    f = rescore(f, scorer, cfg.rank)
-                rows = ensemble_rows(f, run_id=run_id, image_id=im["image_id"], image_uri=im["uri"],
-                                     category_names=names, min_score=output.min_score,
-                                     min_confidence=output.min_confidence, min_votes=output.min_votes)
-                out_rows.extend(rows)
-                im["n_instances"] = len(rows)
-            fuse_ms += (time.perf_counter() - t) * 1000
+        t = time.perf_counter()
+        for im, f in sp.fused(ok, models, cfg):
+            if scorer is not None:
+                f = rescore(f, scorer, cfg.rank)
+            rows = ensemble_rows(f, run_id=run_id, image_id=im["image_id"], image_uri=im["uri"],
+                                 category_names=names, min_score=output.min_score,
+                                 min_confidence=output.min_confidence, min_votes=output.min_votes)
+            out_rows.extend(rows)
+            im["n_instances"] = len(rows)
+        fuse_ms += (time.perf_counter() - t) * 1000
         counts = {"images": len(images), "ok": len(ok), "errors": len(images) - len(ok), "instances": len(out_rows)}
         writer.write_shard(sp.shard, {"instances": to_table("instances", out_rows), "predictions": sp.predictions,
                                       "images": to_table("images", images)}, {"counts": counts})

@@ -16,11 +16,10 @@ from typing import Iterator
 
 from segpipe.config import EnsembleConfig
 from segpipe.data.coco import ann_rle, read_json
-from segpipe.ensemble.fuse import Fused, fuse_images
-from segpipe.ensemble.runs import FUSE_BATCH, shard_predictions
+from segpipe.ensemble.fuse import Fused
+from segpipe.ensemble.runs import shard_predictions
 from segpipe.io.fs import resolve
 from segpipe.sinks.writer import read_committed, read_manifest
-
 
 
 class ReplayError(ValueError):
@@ -80,11 +79,9 @@ def fused_with_truth(run: RunEnsemble, ann_uri: str, image_dir: str | None = Non
     wanted = {r["image_id"] for r in images}
     for sp in shard_predictions(run.uri, shards={r["shard"] for r in images}):
         todo = [im for im in sp.images if im["image_id"] in wanted]
-        for s in range(0, len(todo), FUSE_BATCH):  # a few images per fusion call: shared cost, bounded memory
-            chunk = todo[s:s + FUSE_BATCH]
-            for im, fused in zip(chunk, fuse_images([sp.outputs(im, run.models) for im in chunk], run.config)):
-                info = by_name[im["relpath"]]
-                a = anns.get(info["id"], [])
-                yield FusedImage(file_name=im["relpath"], fused=fused,
-                                 gt_rles=[ann_rle(x["segmentation"], info["height"], info["width"]) for x in a],
-                                 gt_ids=[x["id"] for x in a])
+        for im, fused in sp.fused(todo, run.models, run.config):
+            info = by_name[im["relpath"]]
+            a = anns.get(info["id"], [])
+            yield FusedImage(file_name=im["relpath"], fused=fused,
+                             gt_rles=[ann_rle(x["segmentation"], info["height"], info["width"]) for x in a],
+                             gt_ids=[x["id"] for x in a])

@@ -11,7 +11,8 @@ from typing import Collection, Iterator, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from segpipe.ensemble.fuse import ModelOutput
+from segpipe.config import EnsembleConfig
+from segpipe.ensemble.fuse import Fused, ModelOutput, fuse_images
 from segpipe.io.fs import resolve
 from segpipe.sinks.tables import SCHEMAS, rows_to_instances
 from segpipe.sinks.writer import read_markers
@@ -35,6 +36,13 @@ class ShardPredictions:
         rows = self._by_image.get(image["image_id"], {})
         return [ModelOutput(name=n, version=v, instances=rows_to_instances(rows.get(n, []), image["height"], image["width"]))
                 for n, v in models]
+
+    def fused(self, images: Sequence[dict], models: Sequence[tuple[str, str]], cfg: EnsembleConfig) -> Iterator[tuple[dict, Fused]]:
+        """Each of ``images`` (ok rows of this shard) re-fused under ``cfg``: (image, Fused), in
+        order, ``FUSE_BATCH`` images per ``fuse_images`` call."""
+        for s in range(0, len(images), FUSE_BATCH):
+            chunk = images[s:s + FUSE_BATCH]
+            yield from zip(chunk, fuse_images([self.outputs(im, models) for im in chunk], cfg))
 
 
 def shard_predictions(run_uri: str, shards: Collection[int] | None = None) -> Iterator[ShardPredictions]:

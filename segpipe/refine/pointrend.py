@@ -116,6 +116,10 @@ class PaddedImages:
         flat = flats[0] if len(flats) == 1 else torch.cat(flats, 1)
         return cls(flat=flat, start=starts[image_of], width=widths[image_of])
 
+    def select(self, idx: torch.Tensor) -> "PaddedImages":
+        """The same images for instances ``idx`` [M] of these only."""
+        return PaddedImages(flat=self.flat, start=self.start[idx], width=self.width[idx])
+
 
 def cell_centres(res: int, idx: torch.Tensor) -> torch.Tensor:
     """Flat cell indices [N, P] of a res x res grid -> their centres in frame units [N, P, 2] (u, v)."""

@@ -90,9 +90,8 @@ class Refiner(NetworkHolder):
                                           torch.from_numpy(self._useful_sizes(q.frames.numpy(), p)).to(self.device))
             sel, reg = torch.from_numpy(q.ok).to(self.device), torch.from_numpy(q.regions[q.ok]).to(self.device)
             px = mask_ops.region_pixels(maps[sel][:, None], q.frames[sel], reg)[:, 0]
-            boxes, rles, probs = q.out
-            for j, rle, box, soft in self._paste(px, q.regions[q.ok], q.h, q.w):
-                rles[q.ok[j]], boxes[q.ok[j]], probs[q.ok[j]] = rle, box, soft
+            for j, *refined in self._paste(px, q.regions[q.ok], q.h, q.w):
+                q.put(q.ok[j], *refined)
         elif todo:
             self._render_pixels([preps[k] for k in todo])
         return [ins if q is None else Instances(height=ins.height, width=ins.width, boxes=q.out[0].astype(np.float32),
@@ -132,13 +131,11 @@ class Refiner(NetworkHolder):
         large object does not make every small one pay for its area; pasted into each ``out``."""
         stepped = [self._grid_steps(q.feats, q.coarse, q.frames, q.dis) for q in preps]
         patch = self.network.features is None
-        flat = None
-        if patch:
-            padded = [self.network.pad_window(q.feats) for q in preps]
-            flat = PaddedImages.of(padded, torch.arange(len(preps), device=self.device))
         # Every refined instance of every image, as (image k, instance i): the batches take from these.
         kk = np.concatenate([np.full(len(q.ok), k) for k, q in enumerate(preps)])
         ii = np.concatenate([q.ok for q in preps])
+        windows = PaddedImages.of([self.network.pad_window(q.feats) for q in preps], torch.from_numpy(kk).to(self.device)) \
+            if patch else None
         regions = np.concatenate([q.regions[q.ok] for q in preps])
         res = np.array([stepped[k][0].shape[-1] for k in kk])  # the grid side each instance's logits reached
         side = (regions[:, 2:] - regions[:, :2]).max(1)
@@ -152,15 +149,12 @@ class Refiner(NetworkHolder):
             dis = None if stepped[ks[0]][1] is None else torch.cat([stepped[k][1][sel] for k, sel in pick])
             reg = torch.from_numpy(regions[part]).to(self.device)
             if patch:
-                of = torch.from_numpy(ks).to(self.device)
-                win = PaddedImages(flat=flat.flat, start=flat.start[of], width=flat.width[of])
-                px = self.network.render_pixels(None, logits, frames, reg, dis, win)
+                px = self.network.render_pixels(None, logits, frames, reg, dis, windows.select(torch.from_numpy(part)))
             else:
                 px = self.network.render_pixels(preps[ks[0]].feats, logits, frames, reg, dis)
             hs, ws = np.array([preps[k].h for k in ks]), np.array([preps[k].w for k in ks])
-            for j, rle, box, soft in self._paste(torch.sigmoid(px), regions[part], hs, ws):
-                boxes, rles, probs = preps[ks[j]].out
-                rles[idx[j]], boxes[idx[j]], probs[idx[j]] = rle, box, soft
+            for j, *refined in self._paste(torch.sigmoid(px), regions[part], hs, ws):
+                preps[ks[j]].put(idx[j], *refined)
 
     @staticmethod
     def _paste(px: torch.Tensor, regions: np.ndarray, h: int | np.ndarray, w: int | np.ndarray):
@@ -218,6 +212,11 @@ class _Prepared:
     regions: np.ndarray
     ok: np.ndarray
     out: tuple[np.ndarray, list, np.ndarray]
+
+    def put(self, i: int, rle: dict, box: tuple, soft: np.ndarray) -> None:
+        """Instance ``i``'s refined RLE, xyxy box and soft mask into the outputs."""
+        boxes, rles, probs = self.out
+        rles[i], boxes[i], probs[i] = rle, box, soft
 
 
 @register("pointrend")

@@ -145,7 +145,6 @@ def train_scorer(cfg: TrainConfig, log: Log = print, command: str | None = None)
                                               f"--max-dets {data.max_dets}",
                                       values={k: round(float(after[k]), 4) for k in keys} | {"maxDets": data.max_dets})]
         card = ModelCard.model_validate(card.model_dump())
-        (out / "card.yaml").write_text(yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False))
     log(f"wrote {out / 'card.yaml'} ({card.version()})")
     shutil.copyfile(run_dir / "train.log", out / "train.log")
     card.training.log = "train.log"
