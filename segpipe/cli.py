@@ -88,11 +88,20 @@ def data_polar_bound(
 # --- train ----------------------------------------------------------------------------------
 
 
+def _is_coco_file(value: str) -> bool:
+    """``--data`` names a COCO file (``.json``, optionally ``@WEIGHT``) rather than a domain folder."""
+    return value.rpartition("@")[0].endswith(".json") or value.endswith(".json")
+
+
 @app.command("train")
 def train_cmd(
     method: Annotated[str, typer.Argument(help="maskrcnn | polarmask | spatialemb | discloss | rsis | pointrend | scorer")],
     domain: Annotated[str, typer.Option(help="shapes (generated) | nuclei (COCO file + images)")] = "shapes",
-    data: Annotated[Optional[str], typer.Option(help="nuclei: folder/URI with train.json, val.json, images/")] = None,
+    data: Annotated[Optional[list[str]], typer.Option(help="a COCO training file A.json or A.json@WEIGHT (repeatable: "
+                                                      "trains on the weighted mix instead of the domain's train set; "
+                                                      "images at each record's segpipe_uri, else images/ beside the "
+                                                      "file); or, for nuclei, the folder/URI with train.json, val.json, "
+                                                      "images/")] = None,
     iterations: Annotated[Optional[int], typer.Option(help="optimizer steps (default: the recipe's)")] = None,
     batch_size: Annotated[Optional[int], typer.Option()] = None,
     lr: Annotated[Optional[float], typer.Option()] = None,
@@ -121,16 +130,20 @@ def train_cmd(
     """Train one method on one domain and write its zoo entry; a card's command reproduces it."""
     from pydantic import ValidationError
 
-    from segpipe.config import TrainConfig, apply_overrides
+    from segpipe.config import TrainConfig, TrainSource, apply_overrides
     from segpipe.train.loop import shell_command, train
 
     try:
         params = apply_overrides({}, list(param or []), flag="--param")
     except ValueError as e:
         _fail(str(e))
+    roots = [d for d in data or [] if not _is_coco_file(d)]
+    if len(roots) > 1:
+        _fail(f"--data: one domain folder at most, got {', '.join(roots)}")
     try:
+        sources = [TrainSource.parse(d) for d in data or [] if _is_coco_file(d)]
         cfg = TrainConfig(
-            method=method, domain=domain, data=data, iterations=iterations, batch_size=batch_size, lr=lr, crop=crop,
+            method=method, domain=domain, data=roots[0] if roots else None, sources=sources, iterations=iterations, batch_size=batch_size, lr=lr, crop=crop,
             seed=seed, train_n=train_n, train_seed=train_seed, val_n=val_n, val_seed=val_seed, name=name, out=out,
             work_dir=work_dir, threads=threads, params=params, priors=priors, prior_iou=prior_iou, refine_base=refine_base,
             val_run=val_run,
@@ -141,11 +154,12 @@ def train_cmd(
     except (ValidationError, ValueError) as e:
         _fail(_config_error(e))
     from segpipe.ensemble.replay import ReplayError
+    from segpipe.train.domains import DataSourceError
     from segpipe.train.loop import CheckpointMismatchError
 
     try:
         card = train(cfg, log=lambda m: typer.echo(m), command=shell_command(sys.argv[1:]))
-    except (FileNotFoundError, CheckpointMismatchError, ReplayError) as e:
+    except (FileNotFoundError, CheckpointMismatchError, ReplayError, DataSourceError) as e:
         _fail(str(e))
     typer.echo(f"card: {card}")
 
@@ -164,6 +178,13 @@ def _load_workflow_or_exit(workflow: Path, overrides: list[str]):
         return load_workflow(workflow, overrides)
     except (ValidationError, ValueError) as e:
         _fail(_config_error(e))
+
+
+def _pseudo_line(card: dict, where: str) -> str:
+    c = card["counts"]
+    return (f"pseudo-labels: kept {c['kept']} of {c['instances']} instances; {c['images_written']} of {c['images_processed']} "
+            f"images written ({c['images_dropped_empty']} with none kept, {c['images_failed']} failed) -> "
+            f"{where}/instances.json + card.yaml")
 
 
 def _print_summary(result, out_uri: str) -> None:
@@ -187,6 +208,8 @@ def _print_summary(result, out_uri: str) -> None:
         if over is not None:
             typer.echo(f"  ensemble + refine: {over[0]:.0f} ms = {100 * over[1]:.1f}% of the models' {over[2]:.0f} ms (wall)"
                        + (f"; CPU {cpu[0]:.0f} ms = {100 * cpu[1]:.1f}% of the models' {cpu[2]:.0f} ms" if cpu else ""))
+    if result.pseudo:
+        typer.echo("  " + _pseudo_line(result.pseudo, f"{out_uri.rstrip('/')}/{result.pseudo['name']}"))
     if result.eval:
         from segpipe.evaluation import format_table
 
@@ -298,6 +321,92 @@ def ensemble_cmd(
         from segpipe.evaluation import evaluate_output, format_table
 
         typer.echo(format_table(evaluate_output(out, gt, max_dets=max_dets)))
+
+
+@app.command("pseudo-label")
+def pseudo_label_cmd(
+    run_dir: Annotated[str, typer.Argument(help="a finished ensemble run's output folder (or URI)")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="keep.<min_votes|min_agreement|min_confidence|"
+                                                      "min_score>=V, per_class.<name>.<field>=V, empty_images=drop|keep "
+                                                      "(repeatable)")] = None,
+    out: Annotated[Optional[str], typer.Option(help="folder for instances.json + card.yaml (default RUN_DIR/<out>, "
+                                               "out being the run's pseudo_label.out or 'pseudo')")] = None,
+) -> None:
+    """Write a finished run's fused instances that pass the keep-thresholds as a COCO training
+    set with a dataset card; no model runs. Starts from the run's own pseudo_label settings.
+    Example: segpipe pseudo-label runs/x --set keep.min_votes=2 --set keep.min_confidence=0.5 --out sets/v2c50
+    """
+    from pydantic import ValidationError
+
+    from segpipe.config import PseudoLabelConfig, apply_overrides
+    from segpipe.sinks.pseudo import run_categories, write_pseudo_labels
+    from segpipe.sinks.writer import read_manifest
+
+    try:
+        manifest = read_manifest(run_dir)
+    except FileNotFoundError as e:
+        _fail(str(e))
+    wf = (manifest.get("workflow") or {}).get("config") or {}
+    if not wf.get("ensemble"):
+        _fail(f"{run_dir} is not an ensemble run: pseudo-labels are kept by the models' agreement")
+    try:
+        data = dict(wf.get("pseudo_label") or {})
+        apply_overrides(data, set_ or [])
+        cfg = PseudoLabelConfig.model_validate(data)
+        names = {c["name"] for c in run_categories(manifest)}
+        unknown = sorted(set(cfg.per_class) - names)
+        if unknown:
+            raise ValueError(f"per_class: {unknown[0]!r} is not a category of the run's models ({', '.join(sorted(names))})")
+    except (ValidationError, ValueError) as e:
+        _fail(_config_error(e))
+    card = write_pseudo_labels(run_dir, cfg, out_uri=out, manifest=manifest)
+    typer.echo(_pseudo_line(card, out or f"{run_dir.rstrip('/')}/{cfg.out}"))
+
+
+experiment_app = typer.Typer(help="Reproducible experiments that chain several segpipe commands.", no_args_is_help=True)
+app.add_typer(experiment_app, name="experiment")
+
+
+@experiment_app.command("pseudo-label")
+def experiment_pseudo_label_cmd(
+    config: Annotated[Path, typer.Argument(help="experiment YAML (workflows/experiments/pseudo-label.yaml)")],
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="override a field: dotted.key=value (repeatable)")] = None,
+) -> None:
+    """Split train.json into labelled + unlabelled, train teachers on the labelled part, pseudo-label
+    the rest with their ensemble, train a student per keep-threshold setting, score all on val.
+
+    Resumable: rerun the same command and finished steps are skipped. Results: WORK_DIR/results.json.
+    """
+    from pydantic import ValidationError
+
+    from segpipe.experiments.pseudo_label import Experiment, ExperimentError, load_experiment
+
+    if not config.is_file():
+        _fail(f"experiment file {config} not found")
+    try:
+        cfg = load_experiment(config, set_ or [])
+    except (ValidationError, ValueError) as e:
+        _fail(_config_error(e))
+    try:
+        results = Experiment(cfg, log=lambda m: typer.echo(m)).run()
+    except (ExperimentError, FileNotFoundError) as e:
+        _fail(str(e), code=1)
+    typer.echo(format_experiment(results))
+
+
+def format_experiment(r: dict) -> str:
+    """The experiment's val table (AP, maxDets 1000)."""
+    lines = [f"{'model':44s} {'AP':>7s} {'AP75':>7s}"]
+    for m, v in r["teachers"].items():
+        lines.append(f"{'teacher ' + v['version']:44s} {v['AP']:7.4f} {v.get('AP75', float('nan')):7.4f}")
+    lines.append(f"{'ensemble of the teachers':44s} {r['ensemble']['AP']:7.4f} {r['ensemble']['AP75']:7.4f}")
+    for s in r["students"]:
+        if "metrics" in s:
+            m = s["metrics"]
+            lines.append(f"{'student ' + s['setting'] + ' (' + str(s['set']['instances_written']) + ' pseudo)':44s} "
+                         f"{m['AP']:7.4f} {m.get('AP75', float('nan')):7.4f}  vs best teacher {s['vs_best_teacher']:+.4f}"
+                         + (f", vs labelled-only {s['vs_labeled_only']:+.4f}" if "vs_labeled_only" in s else ""))
+    return "\n".join(lines)
 
 
 @app.command("audit")

@@ -254,6 +254,36 @@ class ProvenanceConfig(Strict):
     openlineage: OpenLineageConfig | None = Field(None, description="emit OpenLineage run events")
 
 
+class KeepRule(Strict):
+    """Which fused instances become pseudo-labels: all thresholds must hold (inclusive)."""
+
+    min_votes: int = Field(1, ge=1, description="models that found the instance (the group's members)")
+    min_agreement: float = Field(0.0, ge=0, le=1, description="mean pairwise mask IoU of the members (one member: 0)")
+    min_confidence: float = Field(0.0, ge=0, le=1, description="the ensemble's confidence (score x agreement, or the "
+                                  "scorer's predicted IoU)")
+    min_score: float = Field(0.0, ge=0, le=1, description="the fused score")
+
+
+class PseudoLabelConfig(Strict):
+    """Write the run's kept instances as a COCO training set plus a dataset card (segpipe.sinks.pseudo)."""
+
+    keep: KeepRule = Field(default_factory=KeepRule)
+    per_class: dict[str, KeepRule] = Field(default_factory=dict, description="category name -> its own rule "
+                                           "(replaces keep for that class)")
+    empty_images: Literal["drop", "keep"] = Field("drop", description="images none of whose instances are kept: drop "
+                                                  "them (their unkept objects would teach background), or keep them")
+    out: str = Field("pseudo", description="folder under output.uri for instances.json and card.yaml")
+
+    @field_validator("out")
+    @classmethod
+    def _relative(cls, v: str) -> str:
+        if not v or v.startswith("/") or "://" in v or ".." in v.split("/") or v.strip("/") in ("instances", "predictions",
+                                                                                               "images", "errors", "coco",
+                                                                                               "_segpipe"):
+            raise ValueError(f"a new folder inside output.uri, got {v!r}")
+        return v.strip("/")
+
+
 class WorkflowConfig(Strict):
     """A workflow file (workflows/*.yaml)."""
 
@@ -271,9 +301,13 @@ class WorkflowConfig(Strict):
     incremental: IncrementalConfig | None = Field(None, description="label only new or changed inputs, and only with "
                                                   "the models whose version changed")
     provenance: ProvenanceConfig = Field(default_factory=ProvenanceConfig)
+    pseudo_label: PseudoLabelConfig | None = Field(None, description="also write the kept fused instances as a COCO "
+                                                   "training set with a dataset card (needs an ensemble)")
 
     @model_validator(mode="after")
     def _distinct_models(self) -> "WorkflowConfig":
+        if self.pseudo_label is not None and self.ensemble is None:
+            raise ValueError("pseudo_label: keeps instances by the models' agreement, so it needs an ensemble section")
         refs = [m.model for m in self.models]
         if len(set(refs)) != len(refs):
             raise ValueError(f"models: each model may appear once, got {refs}")
@@ -690,6 +724,29 @@ TRAIN_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
 }
 
 
+class TrainSource(Strict):
+    """One COCO training file of a mixed training set (``segpipe train --data A.json[@WEIGHT]``).
+
+    Its images are found at each image record's ``segpipe_uri`` (segpipe's own COCO output and
+    pseudo-label sets carry it), else at ``images``/``file_name``; ``images`` defaults to the
+    ``images/`` folder beside the file."""
+
+    ann: str = Field(description="COCO instances JSON (path or URI)")
+    images: str | None = Field(None, description="folder the images' file_name is relative to")
+    weight: float = Field(1.0, gt=0, le=100, description="how often each image is drawn per epoch, relative to weight 1 "
+                          "(2: twice; 0.5: a random half of the images each epoch)")
+
+    @staticmethod
+    def parse(text: str) -> dict:
+        """``PATH`` or ``PATH@WEIGHT`` (the weight a number) -> the fields, validated where used."""
+        path, sep, w = text.rpartition("@")
+        try:
+            weight = float(w) if sep and path else None
+        except ValueError:
+            weight = None
+        return {"ann": text} if weight is None else {"ann": path, "weight": weight}
+
+
 class TrainConfig(Strict):
     """``segpipe train``: one method on one domain; everything a card needs to reproduce it.
 
@@ -700,6 +757,9 @@ class TrainConfig(Strict):
     domain: Literal["shapes", "nuclei"] = "shapes"
     data: str | None = Field(None, description="nuclei: folder or URI with train.json, val.json, images/; "
                                                "default $SEGPIPE_NUCLEI, else ../shared/data/nuclei")
+    sources: list[TrainSource] = Field(default_factory=list, description="COCO training files to train on instead of "
+                                       "the domain's training set (labelled and pseudo-labelled, mixed by weight); "
+                                       "validation stays the domain's")
     crop: int | None = Field(None, ge=32, description="random square training crops of this side, pixels")
     name: str | None = Field(None, description="zoo name; default '<method>-<domain>'")
     out: str | None = Field(None, description="card folder; default models/<name>")
@@ -747,6 +807,10 @@ class TrainConfig(Strict):
                              f"not {self.method}")
         if self.val_run is not None and self.method != "scorer":
             raise ValueError(f"val_run: only the ensemble scorer is scored on a run, not {self.method}")
+        if self.sources and self.method in ("scorer", "pointrend") and self.priors is not None:
+            raise ValueError(f"sources: {self.method} with priors learns from the run's images; give no --data A.json")
+        if self.method == "scorer" and self.sources:
+            raise ValueError("sources: the ensemble scorer learns from a run (--priors), not from COCO files")
         if self.method == "scorer" and self.priors is None:
             raise ValueError("priors: the ensemble scorer learns from a run over the training images (--priors RUN)")
         return self

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -345,3 +347,22 @@ def assert_sound(label: str, run_uri: str, fs=None) -> dict:
           f"instances {a['instances']}, duplicates {a['duplicates']}, lost {a['lost']}, extra {a['extra']}")
     assert sound(a), a
     return a
+
+
+NUCLEI_SAMPLE = REPO / "workflows" / "samples" / "nuclei"
+
+
+def mini_nuclei(tmp_path: Path, n_train: int = 3, n_val: int = 2) -> Path:
+    """A nuclei-layout folder (train.json, val.json, images/) made from the bundled sample."""
+    sample = json.loads((NUCLEI_SAMPLE / "annotations.json").read_text())
+    ims = sorted(sample["images"], key=lambda im: im["width"] * im["height"])
+    root = tmp_path / "mini"
+    (root / "images").mkdir(parents=True)
+    for split, chosen in (("train", ims[:n_train]), ("val", ims[n_train : n_train + n_val])):
+        ids = {im["id"] for im in chosen}
+        data = {"images": chosen, "annotations": [a for a in sample["annotations"] if a["image_id"] in ids],
+                "categories": sample["categories"]}
+        (root / f"{split}.json").write_text(json.dumps(data))
+        for im in chosen:
+            shutil.copy(NUCLEI_SAMPLE / "images" / im["file_name"], root / "images")
+    return root

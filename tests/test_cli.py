@@ -24,7 +24,7 @@ def test_help_lists_every_noun():
     r = invoke("--help")
     assert r.exit_code == 0
     for noun in ("run", "demo", "eval", "ensemble", "data", "models", "train", "audit", "submit", "status", "logs",
-                 "stop", "jobs", "schedule", "ledger", "bench", "report", "viz"):
+                 "stop", "jobs", "schedule", "ledger", "bench", "report", "viz", "pseudo-label", "experiment"):
         assert noun in r.output
 
 

@@ -7,7 +7,6 @@ when it is absent. The bundled sample (workflows/samples/nuclei) is always prese
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +21,7 @@ from segpipe.train.domains import nuclei_root
 from segpipe.train.loop import train
 
 from conftest import REPO, TINY_EMBED_PARAMS, TINY_PARAMS, TINY_POINTREND_PARAMS, TINY_POLAR_PARAMS, TINY_RSIS_PARAMS
+from conftest import mini_nuclei as _mini_nuclei
 
 SAMPLE = REPO / "workflows" / "samples" / "nuclei"
 
@@ -73,22 +73,6 @@ def test_crop_larger_than_the_image_pads():
     assert img[:, 256:, :].abs().sum() == 0 and img[:, :, 256:].abs().sum() == 0
     full = CocoInstances(str(SAMPLE / "annotations.json"), str(SAMPLE / "images"), category_ids=[1])
     assert len(tgt["labels"]) == len(full[small][1]["labels"])  # the whole image is inside the window
-
-
-def _mini_nuclei(tmp_path: Path, n_train: int = 3, n_val: int = 2) -> Path:
-    """A nuclei-layout folder (train.json, val.json, images/) made from the bundled sample."""
-    sample = json.loads((SAMPLE / "annotations.json").read_text())
-    ims = sorted(sample["images"], key=lambda im: im["width"] * im["height"])
-    root = tmp_path / "mini"
-    (root / "images").mkdir(parents=True)
-    for split, chosen in (("train", ims[:n_train]), ("val", ims[n_train : n_train + n_val])):
-        ids = {im["id"] for im in chosen}
-        data = {"images": chosen, "annotations": [a for a in sample["annotations"] if a["image_id"] in ids],
-                "categories": sample["categories"]}
-        (root / f"{split}.json").write_text(json.dumps(data))
-        for im in chosen:
-            shutil.copy(SAMPLE / "images" / im["file_name"], root / "images")
-    return root
 
 
 @pytest.mark.parametrize("method, params", [("polarmask", TINY_POLAR_PARAMS), ("maskrcnn", TINY_PARAMS | {"resize": False}),

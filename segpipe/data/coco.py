@@ -67,16 +67,27 @@ class CocoInstances(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def _read_image(self, file_name: str) -> np.ndarray:
-        if self._fs is None:
-            self._fs, self._root = resolve(self.image_dir)
-        with self._fs.open(f"{self._root}/{file_name}", "rb") as f:
+    def _read_image(self, info: dict) -> np.ndarray:
+        """The image of a record: its ``segpipe_uri`` (segpipe's COCO outputs) else ``image_dir``/``file_name``."""
+        uri = info.get("segpipe_uri")
+        if uri:
+            fs, path = resolve(uri)
+        else:
+            if self._fs is None:
+                self._fs, self._root = resolve(self.image_dir)
+            fs, path = self._fs, f"{self._root}/{info['file_name']}"
+        with fs.open(path, "rb") as f:
             return np.array(Image.open(io.BytesIO(f.read())).convert("RGB"))
 
     def __getitem__(self, i: int):
+        return self.load(i)
+
+    def load(self, i: int, draw: int = 0):
+        """Item ``i``; ``draw`` > 0 gives another random crop/flip of it in the same epoch (an image
+        drawn several times per epoch by a weighted mix)."""
         info = self.images[i]
-        rng = np.random.default_rng([self.seed, self.epoch, i])
-        img = self._read_image(info["file_name"])
+        rng = np.random.default_rng([self.seed, self.epoch, i] + ([draw] if draw else []))
+        img = self._read_image(info)
         h, w = img.shape[:2]
         anns = [a for a in self.by_image.get(info["id"], []) if a["category_id"] in self.label_of]
         y0, x0, ch, cw = 0, 0, h, w

@@ -47,6 +47,7 @@ class RunResult:
     skipped_shards: list[int] = field(default_factory=list)
     stages: list[dict] = field(default_factory=list)  # progress.stage_table: per-stage account
     efficiency: dict | None = None
+    pseudo: dict | None = None  # the pseudo-label set's dataset card (workflow pseudo_label)
 
 
 @dataclass
@@ -180,6 +181,12 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
     primary = _primary(cfg, models)
     refiner = _load_refiner(cfg)
     scorer = _load_scorer(cfg, models)
+    if cfg.pseudo_label is not None:
+        names = {c.name for c in primary.card.categories}
+        unknown = sorted(set(cfg.pseudo_label.per_class) - names)
+        if unknown:
+            raise WorkflowError(f"pseudo_label.per_class: {unknown[0]!r} is not a category of the models "
+                                f"({', '.join(sorted(names))})")
     src_opts = cfg.source.storage.options(cfg.source.uri)
     files = list_source(cfg.source.uri, patterns=cfg.source.patterns, recursive=cfg.source.recursive,
                         max_images=cfg.source.max_images, shard_size=cfg.source.shard_size, storage_options=src_opts)
@@ -316,6 +323,12 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
                     "coco": "coco/instances.json" if coco_counts else None},
         "eval": eval_stats,
     }
+    if cfg.pseudo_label is not None and status == "complete":
+        from segpipe.sinks.pseudo import write_pseudo_labels
+
+        result.pseudo = write_pseudo_labels(cfg.output.uri, cfg.pseudo_label, manifest=manifest, fs=writer.fs)
+        manifest["outputs"]["pseudo_labels"] = {"dir": cfg.pseudo_label.out, "sha256": result.pseudo["sha256"],
+                                                "counts": result.pseudo["counts"]}
     writer.finish(manifest)
     if lineage is not None:
         lineage.complete(manifest) if status == "complete" else lineage.fail(reason or status, manifest)

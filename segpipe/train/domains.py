@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
+
+import yaml
 
 from segpipe.config import TrainConfig
 from segpipe.data.coco import read_json
@@ -29,6 +32,7 @@ class DomainData:
     train_record: dict = field(default_factory=dict)  # for the card's training.data
     val_split: str = ""  # for the card's metrics.split
     eval_command: str = ""  # reproduces the card's metrics
+    sources: tuple = ()  # (Source, ...) when training on a mix of COCO files instead of train_ann
 
 
 def nuclei_root(cfg: TrainConfig) -> str:
@@ -38,10 +42,68 @@ def nuclei_root(cfg: TrainConfig) -> str:
 
 def prepare(cfg: TrainConfig, log: Log) -> DomainData:
     if cfg.domain == "shapes":
-        return _shapes(cfg, log)
-    if cfg.domain == "nuclei":
-        return _nuclei(cfg, log)
-    raise ValueError(f"unknown domain {cfg.domain!r}")
+        data = _shapes(cfg, log)
+    elif cfg.domain == "nuclei":
+        data = _nuclei(cfg, log)
+    else:
+        raise ValueError(f"unknown domain {cfg.domain!r}")
+    return _with_sources(data, cfg, log) if cfg.sources else data
+
+
+class DataSourceError(ValueError):
+    """A training source that cannot be trained on (overlaps validation, holds no images)."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """A resolved training source: annotation URI, image folder, weight."""
+
+    ann: str
+    images: str
+    weight: float
+
+
+def _with_sources(data: DomainData, cfg: TrainConfig, log: Log) -> DomainData:
+    """The domain's validation with ``cfg.sources`` as the training set; refuses a source that
+    shares an image with validation (by file name)."""
+    val_names = {Path(im["file_name"]).name for im in read_json(data.val_ann)["images"]}
+    sources, record = [], []
+    for src in cfg.sources:
+        doc = read_json(src.ann)
+        images = src.images or f"{src.ann.rsplit('/', 1)[0] if '/' in src.ann else '.'}/images"
+        names = {Path(im.get("segpipe_uri") or im["file_name"]).name for im in doc["images"]}
+        shared = sorted(names & val_names) if cfg.domain == "nuclei" else []
+        if shared:
+            raise DataSourceError(f"{src.ann} holds {len(shared)} validation images (e.g. {shared[0]}): training on them would "
+                             "make the card's val metrics meaningless")
+        if not doc["images"]:
+            raise DataSourceError(f"{src.ann} holds no images")
+        n_ann = sum(1 for a in doc["annotations"] if not a.get("iscrowd", 0))
+        sources.append(Source(ann=src.ann, images=images, weight=src.weight))
+        rec = {"file": src.ann, "sha256": _digest(src.ann), "images": len(doc["images"]), "instances": n_ann,
+               "weight": src.weight}
+        card = _dataset_card(src.ann)
+        if card:
+            rec["dataset_card"] = card
+        record.append(rec)
+        log(f"source {src.ann}: {len(doc['images'])} images, {n_ann} instances, weight {src.weight}")
+    return replace(data, train_ann=sources[0].ann, train_images=sources[0].images, sources=tuple(sources),
+                   train_record={k: v for k, v in data.train_record.items() if k != "train"} | {"train": record})
+
+
+def _digest(uri: str) -> str:
+    fs, path = resolve(uri)
+    return hashlib.sha256(fs.cat_file(path)).hexdigest()
+
+
+def _dataset_card(ann_uri: str) -> dict | None:
+    """What a pseudo-label set's ``card.yaml`` (beside the file) says of where it came from."""
+    fs, path = resolve(ann_uri)
+    card_path = f"{path.rsplit('/', 1)[0]}/card.yaml"
+    if not fs.exists(card_path):
+        return None
+    card = yaml.safe_load(fs.cat_file(card_path)) or {}
+    return {k: card[k] for k in ("name", "run_id", "models", "refiner", "keep", "counts") if k in card}
 
 
 def _shapes(cfg: TrainConfig, log: Log) -> DomainData:

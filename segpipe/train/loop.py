@@ -23,6 +23,7 @@ from segpipe.evaluation import evaluate, load_gt, predict_dataset
 from segpipe.modeling.zoo import save_weights
 from segpipe.train.domains import DomainData, prepare
 from segpipe.train.methods import METHODS
+from segpipe.train.mixing import MixedInstances
 
 Log = Callable[[str], None]
 
@@ -39,13 +40,16 @@ class CheckpointMismatchError(ValueError):
     """The work dir's checkpoint was trained under another recipe than the one asked for."""
 
 
-def _recipe(cfg, params) -> str:
+def _recipe(cfg, params, data: DomainData | None = None) -> str:
     """What fixes a checkpoint's weights (the data, the optimiser, the resolved architecture), as
-    JSON: a checkpoint resumes only under the same recipe. The iteration count may grow."""
+    JSON: a checkpoint resumes only under the same recipe. The iteration count may grow. Mixed
+    sources enter with their files' sha256, so a rewritten pseudo-label set does not resume."""
     keep = {"method", "domain", "data", "crop", "batch_size", "lr", "weight_decay", "warmup", "seed", "train_n",
             "train_seed"} | ({"priors", "prior_iou"} if cfg.priors else set())  # older checkpoints predate priors
-    return json.dumps({**cfg.model_dump(mode="json", include=keep), "params": params.model_dump(mode="json")},
-                      sort_keys=True)
+    out = {**cfg.model_dump(mode="json", include=keep), "params": params.model_dump(mode="json")}
+    if cfg.sources:  # older checkpoints predate sources
+        out["sources"] = data.train_record["train"] if data else cfg.model_dump(mode="json")["sources"]
+    return json.dumps(out, sort_keys=True)
 
 
 def train(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Path:
@@ -73,14 +77,13 @@ def train(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Pat
 
         priors, summary = load_priors(cfg.priors, data.train_ann, data.train_images, min_iou=cfg.prior_iou, log=log)
         data = replace(data, train_record=data.train_record | {"priors": summary})
-    ds = CocoInstances(data.train_ann, data.train_images, category_ids=cat_ids, flips=True, crop=cfg.crop, seed=cfg.seed,
-                       priors=priors)
+    ds = _dataset(data, cfg, cat_ids, priors)
     log(f"{cfg.method} on {cfg.domain}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters, "
         f"{len(ds)} training images, crop {cfg.crop}, {cfg.iterations} iterations x batch {cfg.batch_size}")
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt = run_dir / "ckpt.pt"
     it, elapsed = 0, 0.0
-    recipe = _recipe(cfg, params)
+    recipe = _recipe(cfg, params, data)
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=True)
         if "recipe" in state and state["recipe"] != recipe:
@@ -97,16 +100,23 @@ def train(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Pat
         log(f"resumed from {ckpt} at iteration {it}")
     net.train()
     gen = torch.Generator().manual_seed(cfg.seed)
-    per_epoch = len(ds) // cfg.batch_size  # full batches per epoch (drop_last)
+    mixed = isinstance(ds, MixedInstances)
+    epoch_len = ds.epoch_length() if mixed else len(ds)
+    per_epoch = epoch_len // cfg.batch_size  # full batches per epoch (drop_last)
     if per_epoch == 0:
-        raise ValueError(f"{len(ds)} training images cannot fill one batch of {cfg.batch_size}")
+        raise ValueError(f"{epoch_len} training images per epoch cannot fill one batch of {cfg.batch_size}")
     epoch = it // per_epoch
     t0 = time.time() - elapsed
     run_loss = None
     while it < cfg.iterations:
         ds.set_epoch(epoch)
         gen.manual_seed(cfg.seed * 100003 + epoch)
-        loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate, generator=gen, drop_last=True)
+        if mixed:  # the weighted mix's own epoch order (a pure function of seed and epoch)
+            loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, sampler=ds.keys(epoch), collate_fn=collate,
+                                                 drop_last=True)
+        else:
+            loader = torch.utils.data.DataLoader(ds, batch_size=cfg.batch_size, shuffle=True, collate_fn=collate,
+                                                 generator=gen, drop_last=True)
         skip = it - epoch * per_epoch  # batches of this epoch already done (resume)
         for bi, (images, targets) in enumerate(loader):
             if bi < skip:
@@ -136,6 +146,19 @@ def train(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Pat
     wall = time.time() - t0
     log(f"training done: {it} iterations in {wall:.0f}s")
     return write_entry(cfg, net, out, data, wall, log, command)
+
+
+def _dataset(data: DomainData, cfg: TrainConfig, cat_ids: list[int], priors) -> CocoInstances | MixedInstances:
+    """The training set: the domain's file, or the mix of ``data.sources`` (one file of weight 1
+    trains exactly as the domain's file would)."""
+    def one(ann: str, images: str) -> CocoInstances:
+        return CocoInstances(ann, images, category_ids=cat_ids, flips=True, crop=cfg.crop, seed=cfg.seed, priors=priors)
+
+    if not data.sources:
+        return one(data.train_ann, data.train_images)
+    if len(data.sources) == 1 and data.sources[0].weight == 1:
+        return one(data.sources[0].ann, data.sources[0].images)
+    return MixedInstances([one(s.ann, s.images) for s in data.sources], [s.weight for s in data.sources], seed=cfg.seed)
 
 
 def write_entry(cfg: TrainConfig, net: torch.nn.Module, out: Path, data: DomainData, wall: float, log: Log, command: str | None) -> Path:
