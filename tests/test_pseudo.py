@@ -147,9 +147,10 @@ def test_pseudo_label_workflow_writes_its_set_and_card_with_the_run(ray_local, t
     assert card["counts"]["images_processed"] == 2 and card["counts"]["kept"] > 20  # nuclei images hold many
     assert [m["name"] for m in card["models"]] == ["maskrcnn-nuclei", "polarmask-nuclei", "spatialemb-nuclei",
                                                     "discloss-nuclei"]
-    assert card["refiner"]["name"] == "pointrend-nuclei" and card["keep"]["min_confidence"] == 0.4
+    assert card["refiner"]["name"] == "pointrend-nuclei" and card["keep"]["min_votes"] == 2
     doc = json.loads((out / "pseudo" / "instances.json").read_text())
-    assert len(doc["annotations"]) == card["counts"]["kept"] and min(a["confidence"] for a in doc["annotations"]) >= 0.4
+    assert len(doc["annotations"]) == card["counts"]["kept"]
+    assert min(a["n_votes"] for a in doc["annotations"]) >= 2 and min(a["agreement"] for a in doc["annotations"]) >= 0.7
     manifest = json.loads((out / "_segpipe" / "run.json").read_text())
     assert manifest["outputs"]["pseudo_labels"]["sha256"] == card["sha256"]
     assert card["run_id"] == manifest["run_id"]

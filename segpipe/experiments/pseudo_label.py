@@ -301,7 +301,8 @@ def _card_metrics(model_dir: Path) -> dict:
 
     version = ModelCard.model_validate(card).version()
     return {"version": version, **{k: values[k] for k in ("AP", "AP50", "AP75") if k in values},
-            "split": card["metrics"][0]["split"], "wall_time_s": card["training"]["wall_time_s"]}
+            "split": card["metrics"][0]["split"], "wall_time_s": card["training"]["wall_time_s"],
+            "command": card["training"]["command"]}
 
 
 def _link_images(folder: Path, images: list[dict]) -> None:
