@@ -182,7 +182,8 @@ def _load_workflow_or_exit(workflow: Path, overrides: list[str]):
 
 def _pseudo_line(card: dict, where: str) -> str:
     c = card["counts"]
-    return (f"pseudo-labels: kept {c['kept']} of {c['instances']} instances; {c['images_written']} of {c['images_processed']} "
+    ignored = f", {c['ignored']} as ignore regions" if "ignored" in c else ""
+    return (f"pseudo-labels: kept {c['kept']} of {c['instances']} instances{ignored}; {c['images_written']} of {c['images_processed']} "
             f"images written ({c['images_dropped_empty']} with none kept, {c['images_failed']} failed) -> "
             f"{where}/instances.json + card.yaml")
 
@@ -327,7 +328,8 @@ def ensemble_cmd(
 def pseudo_label_cmd(
     run_dir: Annotated[str, typer.Argument(help="a finished ensemble run's output folder (or URI)")],
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="keep.<min_votes|min_agreement|min_confidence|"
-                                                      "min_score>=V, per_class.<name>.<field>=V, empty_images=drop|keep "
+                                                      "min_score>=V, per_class.<name>.<field>=V, empty_images=drop|keep, "
+                                                      "ignore.<field>=V (ignore regions; ignore=null: none) "
                                                       "(repeatable)")] = None,
     out: Annotated[Optional[str], typer.Option(help="folder for instances.json + card.yaml (default RUN_DIR/<out>, "
                                                "out being the run's pseudo_label.out or 'pseudo')")] = None,

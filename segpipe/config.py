@@ -272,6 +272,9 @@ class PseudoLabelConfig(Strict):
                                            "(replaces keep for that class)")
     empty_images: Literal["drop", "keep"] = Field("drop", description="images none of whose instances are kept: drop "
                                                   "them (their unkept objects would teach background), or keep them")
+    ignore: KeepRule | None = Field(None, description="instances not kept that pass this rule are written as ignore "
+                                    "regions (iscrowd 1): a trainer that honours them learns them neither as objects "
+                                    "nor as background")
     out: str = Field("pseudo", description="folder under output.uri for instances.json and card.yaml")
 
     @field_validator("out")

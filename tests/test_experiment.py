@@ -39,7 +39,8 @@ def test_pseudo_label_experiment_runs_end_to_end_and_resumes(tmp_path):
         "params": {"polarmask": TINY_POLAR_PARAMS, "spatialemb": TINY_EMBED_PARAMS},
         "train_args": ["--batch-size", "2", "--crop", "64"],
         "run_overrides": ["pipeline.ray_num_cpus=2", "pipeline.progress=off"],
-        "sweep": [{"name": "all", "keep": {"min_confidence": 0.0}}, {"name": "none", "keep": {"min_score": 1.0}}],
+        "sweep": [{"name": "all", "keep": {"min_confidence": 0.0}, "weight": 0.5},
+                  {"name": "none", "keep": {"min_score": 1.0}, "ignore": {"min_confidence": 0.0}}],
     }
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -57,15 +58,25 @@ def test_pseudo_label_experiment_runs_end_to_end_and_resumes(tmp_path):
     assert [s["setting"] for s in res["students"]] == ["all", "none"]
     trained, skipped = res["students"]
     assert skipped["set"]["kept"] == 0 and skipped["skipped"] and "metrics" not in skipped  # nothing to learn from
+    assert skipped["set"]["ignored"] == skipped["set"]["instances"] > 0  # its ignore rule reached the set
+    assert skipped["ignore"]["min_confidence"] == 0.0 and trained["ignore"] is None and trained["weight"] == 0.5
     assert not (work / "models" / skipped["model"]).exists()
     for s in [trained]:
         card = yaml.safe_load((work / "models" / s["model"] / "card.yaml").read_text())
         files = [src["file"] for src in card["training"]["data"]["train"]]
         assert files == [str(work / "labeled.json"), str(work / "sets" / s["setting"] / "instances.json")]
+        assert [src["weight"] for src in card["training"]["data"]["train"]] == [1.0, 0.5]
         assert s["vs_best_teacher"] == pytest.approx(s["metrics"]["AP"] - res["best_teacher"]["AP"], abs=1e-4)
         set_card = yaml.safe_load((work / "sets" / s["setting"] / "card.yaml").read_text())
         assert set_card["counts"] == s["set"] and set_card["counts"]["images_processed"] == 2
     assert trained["set"]["kept"] == trained["set"]["instances"] > 0
+    truth = json.loads((root / "train.json").read_text())
+    unl = {im["id"] for im in truth["images"] if im["file_name"] in
+           {u["file_name"] for u in json.loads((work / "unlabeled.json").read_text())["images"]}}
+    n_truth = sum(a["image_id"] in unl for a in truth["annotations"])
+    q = trained["set_quality"]  # scored against the thrown-away labels
+    assert q["truth"] == n_truth > 0 and q["kept"] == trained["set"]["instances_written"]
+    assert 0 <= q["recall"] <= 1 and skipped["set_quality"]["kept"] == 0 and skipped["set_quality"]["recall"] == 0
     steps = set(res["steps"])
     assert {"polarmask-nuclei-l50", "spatialemb-nuclei-l50", "pseudo-run", "val-run", "set-all", "set-none"} <= steps
     assert "segpipe train polarmask --domain nuclei" in res["steps"]["polarmask-nuclei-l50"]["command"]
@@ -73,6 +84,6 @@ def test_pseudo_label_experiment_runs_end_to_end_and_resumes(tmp_path):
     r = CliRunner().invoke(app, ["experiment", "pseudo-label", str(path)], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     assert "trained (card exists)" in r.output and "labelled (run.json exists)" in r.output
-    assert "segpipe train" not in r.output and "segpipe run" not in r.output
+    assert "segpipe train" not in r.output and "segpipe run" not in r.output and "segpipe pseudo-label" not in r.output
     again = json.loads((work / "results.json").read_text())
     assert again["students"] == res["students"] and again["teachers"] == res["teachers"]

@@ -59,6 +59,32 @@ def test_mixed_instances_reads_every_key_from_its_own_source(shapes_data):
     assert not torch.equal(first, second)  # a second draw is another crop/flip of the image
 
 
+def test_crowd_annotations_become_an_ignore_map_moved_with_the_crop_and_flips(tmp_path):
+    """A crowd copy of instance k yields target ``ignore`` equal to instance k's mask, whatever the
+    window, flips and turn; crowd annotations are not instances; images without any have no map."""
+    doc = json.loads((NUCLEI_SAMPLE / "annotations.json").read_text())
+    im0 = doc["images"][0]["id"]
+    first = next(a for a in doc["annotations"] if a["image_id"] == im0)
+    doc["annotations"].append(first | {"id": 10**6, "iscrowd": 1})
+    (tmp_path / "a.json").write_text(json.dumps(doc))
+    plain = CocoInstances(str(NUCLEI_SAMPLE / "annotations.json"), str(NUCLEI_SAMPLE / "images"), category_ids=[1])
+    ds = CocoInstances(str(tmp_path / "a.json"), str(NUCLEI_SAMPLE / "images"), category_ids=[1])
+    img, tgt = ds.load(0)
+    assert len(tgt["masks"]) == len(plain.load(0)[1]["masks"]) and tgt["ignore"].dtype == torch.bool
+    k = [a["id"] for a in ds.by_image[im0]].index(first["id"])
+    assert torch.equal(tgt["ignore"], tgt["masks"][k].bool()) and tgt["ignore"].any()
+    assert "ignore" not in ds.load(1)[1]
+    ds = CocoInstances(str(tmp_path / "a.json"), str(NUCLEI_SAMPLE / "images"), category_ids=[1], crop=96, flips=True, seed=3)
+    checked = 0
+    for draw in range(12):
+        img, tgt = ds.load(0, draw)
+        if "ignore" in tgt and tgt["ignore"].sum() >= ds.min_visible_px:
+            assert tgt["ignore"].shape == img.shape[1:]
+            assert any(torch.equal(tgt["ignore"], m.bool()) for m in tgt["masks"])
+            checked += 1
+    assert checked >= 2
+
+
 def test_train_source_parsing():
     assert TrainSource.parse("a/b.json@0.5") == {"ann": "a/b.json", "weight": 0.5}
     assert TrainSource.parse("s3://bucket/x.json") == {"ann": "s3://bucket/x.json"}
@@ -71,7 +97,8 @@ def test_train_source_parsing():
 
 def _pseudo_set(demo_run, out, min_confidence: float = 0.3):
     assert demo_run.exit_code == 0, demo_run.output
-    return write_pseudo_labels(str(demo_run.run), PseudoLabelConfig(keep=KeepRule(min_confidence=min_confidence)),
+    return write_pseudo_labels(str(demo_run.run), PseudoLabelConfig(keep=KeepRule(min_confidence=min_confidence),
+                                                                     ignore=KeepRule(min_confidence=0.05)),
                                out_uri=str(out))
 
 
@@ -91,10 +118,13 @@ def test_train_on_labelled_and_pseudo_labelled_files_with_weights(demo_run, shap
     r = invoke(*args, "--iterations", 2)
     assert r.exit_code == 0, r.output
     assert "weight 0.5" in r.output and f"{len(doc['images'])} images" in r.output
+    assert f"{pseudo['counts']['ignore_regions_written']} ignore regions" in r.output and "does not honour" in r.output
     card = yaml.safe_load((tmp_path / "card" / "card.yaml").read_text())
     train = card["training"]["data"]["train"]
     assert [(s["file"].rsplit("/", 1)[-1], s["weight"]) for s in train] == [("train.json", 1.0), ("instances.json", 0.5)]
     assert train[1]["instances"] == pseudo["counts"]["instances_written"] and train[1]["sha256"] == pseudo["sha256"]
+    assert train[1]["ignore_regions"] == {"count": pseudo["counts"]["ignore_regions_written"], "honoured": False}
+    assert pseudo["counts"]["ignore_regions_written"] > 0 and "ignore_regions" not in train[0]
     assert train[1]["dataset_card"]["run_id"] == pseudo["run_id"] and train[1]["dataset_card"]["keep"]["min_confidence"] == 0.3
     assert "shapes val" in card["metrics"][0]["split"]  # validation stays the domain's
     assert [s["weight"] for s in card["training"]["config"]["sources"]] == [1.0, 0.5]

@@ -177,3 +177,19 @@ def test_empty_masks_give_no_positives():
     t = polar.polar_targets(np.zeros((0, 32, 32), np.uint8), np.zeros(0, np.int64), SHAPES, STRIDES,
                             size_ranges=[16.0], center_radius=1.5, n_rays=8)
     assert (t.labels == 0).all()
+
+
+def test_ignored_locations_are_those_whose_centre_pixel_is_ignored():
+    ignore = np.zeros((16, 16), bool)
+    ignore[0:4, 4:8] = True  # holds one location centre: stride 4, cell (0, 1) at x 6, y 2
+    shapes, strides = [(4, 4), (2, 2)], [4, 8]
+    got = polar.ignored_locations(ignore, shapes, strides)
+    xy, _ = polar.level_locations(shapes, strides)
+    assert got.shape == (20,) and got.dtype == bool
+    assert [tuple(xy[i]) for i in np.nonzero(got)[0]] == [(6.0, 2.0)]
+    ignore[4, 4] = True  # the stride-8 cell (0, 0) centres on pixel (x 4, y 4)
+    assert [tuple(xy[i]) for i in np.nonzero(polar.ignored_locations(ignore, shapes, strides))[0]] == [(6.0, 2.0), (4.0, 4.0)]
+    # a padded feature map reaches past the image: those centres are never ignored
+    assert not polar.ignored_locations(np.ones((3, 3), bool), [(1, 1)], [8]).any()
+    with pytest.raises(ValueError):
+        polar.ignored_locations(np.zeros((2, 3, 3), bool), shapes, strides)

@@ -13,6 +13,7 @@ from segpipe.config import PolarMaskParams
 from segpipe.modeling.polarmask import PolarMaskAdapter, build_network, polar_iou_loss
 from segpipe.modeling.zoo import DEFAULT_ZOO, WeightsError, list_cards, load_adapter, load_card, save_weights
 from segpipe.ops import masks as mask_ops
+from segpipe.ops import polar
 from segpipe.structures import SOFT_MASK_SIZE, Instances
 
 TINY = {"backbone_channels": [8, 16, 16, 16], "fpn_channels": 16, "tower_convs": 1, "n_rays": 12,
@@ -46,6 +47,33 @@ def test_training_step_gives_finite_losses_and_gradients():
     grads = {n: p.grad for n, p in net.named_parameters()}
     for name in ("head.rays.weight", "head.cls_logits.weight", "head.centerness.weight", "backbone.stem.0.weight"):
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
+
+
+def test_ignore_regions_leave_their_negatives_out_of_the_class_loss():
+    """The class loss gets no gradient from negative locations inside an ignore region, the same
+    gradient everywhere else, and positives inside one still count."""
+    torch.manual_seed(0)
+    net = build_network(params=PolarMaskParams.model_validate(TINY), num_classes=2).train()
+    img = torch.rand(3, 64, 80)
+    feats = net.backbone(img[None])
+    outs = [tuple(t.detach().requires_grad_() for t in o) for o in net.head([feats[k] for k in net.keys], net.strides)]
+    tgt = _target()
+    ignore = torch.zeros(64, 80, dtype=torch.bool)
+    ignore[:, :40] = True  # the left half, over the square instance (x 10..25)
+    grads = []
+    for t in (tgt, tgt | {"ignore": ignore}):
+        for o in outs:
+            o[0].grad = None
+        net.loss(outs, [t])["loss_cls"].backward()
+        grads.append(torch.cat([o[0].grad.flatten(2) for o in outs], 2)[0].abs().sum(0))  # [L]
+    shapes = [(int(o[0].shape[2]), int(o[0].shape[3])) for o in outs]
+    ign = torch.from_numpy(polar.ignored_locations(ignore.numpy(), shapes, net.strides))
+    pt = polar.polar_targets(tgt["masks"].numpy(), tgt["labels"].numpy(), shapes, net.strides,
+                             size_ranges=net.params.size_ranges, center_radius=net.params.center_radius, n_rays=12)
+    pos = torch.from_numpy(pt.labels > 0)
+    assert ign.any() and (ign & pos).any() and (~ign).any()
+    assert (grads[1][ign & ~pos] == 0).all() and (grads[0][ign & ~pos] > 0).all()
+    assert torch.allclose(grads[1][~ign | pos], grads[0][~ign | pos])
 
 
 def test_a_few_steps_fit_one_image():

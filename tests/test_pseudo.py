@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from segpipe.cli import app
 from segpipe.config import KeepRule, PseudoLabelConfig, WorkflowConfig
-from segpipe.sinks.pseudo import bin_label, keep_failures, rule_for, write_pseudo_labels
+from segpipe.sinks.pseudo import bin_label, keep_failures, rule_for, verdict, write_pseudo_labels
 from segpipe.sinks.writer import read_committed
 
 
@@ -42,6 +42,16 @@ def test_per_class_rule_replaces_the_default_for_its_class_only():
     cfg = PseudoLabelConfig(keep=KeepRule(min_votes=2), per_class={"ring": KeepRule(min_confidence=0.9)})
     assert rule_for(cfg, "ring").min_votes == 1 and rule_for(cfg, "ring").min_confidence == 0.9
     assert rule_for(cfg, "ellipse") == cfg.keep and rule_for(cfg, None) == cfg.keep
+
+
+def test_verdict_keeps_ignores_or_drops():
+    cfg = PseudoLabelConfig(keep=KeepRule(min_votes=2, min_agreement=0.7), ignore=KeepRule(min_confidence=0.3))
+    assert verdict(ROW, cfg) == ("kept", [])
+    assert verdict(ROW | {"agreement": 0.6}, cfg) == ("ignored", ["agreement"])
+    single = ROW | {"n_votes": 1, "agreement": None}
+    assert verdict(single | {"confidence": 0.3}, cfg) == ("ignored", ["votes", "agreement"])  # inclusive
+    assert verdict(single | {"confidence": 0.29}, cfg) == ("dropped", ["votes", "agreement"])
+    assert verdict(single, PseudoLabelConfig(keep=cfg.keep))[0] == "dropped"  # no ignore rule: nothing is ignored
 
 
 def test_bins_cover_zero_to_one():
@@ -107,6 +117,41 @@ def test_pseudo_set_holds_exactly_the_rows_that_pass_and_a_card_that_adds_up(dem
     assert len(coco.getAnnIds()) == c["kept"] and coco.annToMask(coco.loadAnns(coco.getAnnIds()[:1])[0]).sum() > 0
 
 
+def test_ignore_rule_writes_unkept_but_plausible_instances_as_crowd_regions(demo_run, tmp_path):
+    keep, ignore = KeepRule(min_votes=2, min_confidence=0.5), KeepRule(min_confidence=0.2)
+    card = write_pseudo_labels(str(demo_run.run), PseudoLabelConfig(keep=keep, ignore=ignore, empty_images="keep"),
+                               out_uri=str(tmp_path / "set"))
+    doc = json.loads((tmp_path / "set" / "instances.json").read_text())
+    kept, ignored = _expected(demo_run.run, keep), _expected(demo_run.run, ignore)
+    for k, v in kept.items():  # ignored = passes the ignore rule, fails keep
+        rest = list(ignored.get(k, []))
+        for x in v:
+            rest.remove(x)
+        ignored[k] = rest
+    ignored = {k: v for k, v in ignored.items() if v}
+    got: dict[int, dict[int, list[float]]] = {0: {}, 1: {}}
+    for a in doc["annotations"]:
+        got[a["iscrowd"]].setdefault(a["image_id"], []).append(a["score"])
+    assert {k: sorted(v) for k, v in got[0].items()} == kept and kept
+    assert {k: sorted(v) for k, v in got[1].items()} == ignored and ignored
+    c = card["counts"]
+    assert c["kept"] + c["ignored"] + c["dropped"] == c["instances"]
+    assert c["ignored"] == c["ignore_regions_written"] == sum(map(len, ignored.values()))  # every image written
+    assert c["instances_written"] == c["kept"] and card["ignore"] == ignore.model_dump(mode="json")
+    for name, bins in card["histograms"].items():
+        for side in ("kept", "ignored", "dropped"):
+            assert sum(b[side] for b in bins.values()) == c[side], (name, side)
+    assert card["dropped_by"]["votes"] >= c["ignored"] - card["histograms"]["n_votes"].get("2", {}).get("ignored", 0)
+    coco = COCO(str(tmp_path / "set" / "instances.json"))
+    crowd = coco.loadAnns(coco.getAnnIds(iscrowd=True))
+    assert len(crowd) == c["ignored"] and coco.annToMask(crowd[0]).sum() > 0
+    # Images whose only instances are ignore regions are dropped with the others under empty_images: drop.
+    dropped = write_pseudo_labels(str(demo_run.run), PseudoLabelConfig(keep=keep, ignore=ignore),
+                                  out_uri=str(tmp_path / "drop"))["counts"]
+    assert dropped["images_written"] == len(kept) and dropped["ignore_regions_written"] == sum(
+        len(v) for k, v in ignored.items() if k in kept)
+
+
 def test_empty_images_are_dropped_or_kept_as_asked(demo_run, tmp_path):
     strict = KeepRule(min_score=1.0)  # nothing passes
     card = write_pseudo_labels(str(demo_run.run), PseudoLabelConfig(keep=strict), out_uri=str(tmp_path / "a"))
@@ -124,6 +169,11 @@ def test_pseudo_label_cli_rethresholds_a_run_and_refuses_bad_settings(demo_run, 
     card = yaml.safe_load((tmp_path / "s" / "card.yaml").read_text())
     assert card["keep"]["min_confidence"] == 0.5 and card["per_class"]["ellipse"]["min_votes"] == 2
     assert f"kept {card['counts']['kept']} of {card['counts']['instances']}" in r.output
+    r = invoke("pseudo-label", demo_run.run, "--out", tmp_path / "i", "--set", "keep.min_votes=2",
+               "--set", "ignore.min_confidence=0.2")
+    assert r.exit_code == 0, r.output
+    card = yaml.safe_load((tmp_path / "i" / "card.yaml").read_text())
+    assert card["ignore"]["min_confidence"] == 0.2 and f"{card['counts']['ignored']} as ignore regions" in r.output
     r = invoke("pseudo-label", demo_run.run, "--out", tmp_path / "t", "--set", "per_class.cat.min_votes=2")
     assert r.exit_code == 2 and "'cat' is not a category" in r.output
     r = invoke("pseudo-label", demo_run.run, "--out", tmp_path / "t", "--set", "keep.min_agreement=2")

@@ -36,6 +36,10 @@ class CocoInstances(torch.utils.data.Dataset):
     ``flips``: random horizontal/vertical flips and 90-degree rotations. Randomness is a pure
     function of (seed, epoch, index); call ``set_epoch`` each epoch.
 
+    Crowd annotations (iscrowd 1: ignore regions, e.g. pseudo-labels the teachers were unsure of)
+    are not instances: an image with any in its window gets target ``ignore`` bool [H, W], their
+    union (moved with the crop, flips and turns), for losses that honour it.
+
     ``priors`` ({file_name: {annotation id: prior}}, a prior having ``box`` xyxy [4] and box-frame
     ``maps`` [C, S, S], as ``segpipe.refine.priors`` makes them): the target also holds
     prior_boxes float32 [N, 4] (moved with the crop, flips and turns), prior_maps float16
@@ -49,9 +53,12 @@ class CocoInstances(torch.utils.data.Dataset):
         self.image_dir = str(image_dir).rstrip("/")
         self.images = data["images"]
         self.by_image: dict[int, list[dict]] = {im["id"]: [] for im in self.images}
+        self.crowd_by_image: dict[int, list[dict]] = {}
         for a in data["annotations"]:
             if not a.get("iscrowd", 0):
                 self.by_image.setdefault(a["image_id"], []).append(a)
+            else:
+                self.crowd_by_image.setdefault(a["image_id"], []).append(a)
         self.label_of = {cid: i + 1 for i, cid in enumerate(category_ids)}
         self.flips = flips
         self.crop = crop
@@ -90,12 +97,18 @@ class CocoInstances(torch.utils.data.Dataset):
         img = self._read_image(info)
         h, w = img.shape[:2]
         anns = [a for a in self.by_image.get(info["id"], []) if a["category_id"] in self.label_of]
+        crowd = [a for a in self.crowd_by_image.get(info["id"], []) if a["category_id"] in self.label_of]
         y0, x0, ch, cw = 0, 0, h, w
         if self.crop:
             ch = cw = self.crop
             y0 = int(rng.integers(0, max(h - ch, 0) + 1))
             x0 = int(rng.integers(0, max(w - cw, 0) + 1))
             anns = [a for a in anns if _box_meets(a.get("bbox"), x0, y0, cw, ch)]
+            crowd = [a for a in crowd if _box_meets(a.get("bbox"), x0, y0, cw, ch)]
+        ignore = np.zeros((ch, cw), bool) if crowd else None
+        for a in crowd:
+            m = mask_ops.decode([ann_rle(a["segmentation"], h, w)])[0, y0 : y0 + ch, x0 : x0 + cw]
+            ignore[: m.shape[0], : m.shape[1]] |= m.astype(bool)
         masks = np.zeros((len(anns), ch, cw), np.uint8)
         whole = np.ones(len(anns), bool)
         for k, a in enumerate(anns):  # decode one at a time and crop at once: memory O(H*W), not O(N*H*W)
@@ -114,16 +127,19 @@ class CocoInstances(torch.utils.data.Dataset):
         if self.flips:
             if rng.uniform() < 0.5:
                 img, masks = img[:, ::-1], masks[:, :, ::-1]
+                ignore = ignore[:, ::-1] if ignore is not None else None
                 if pri is not None:
                     pri = (box_ops.hflip_boxes(pri[0], img.shape[1]), pri[1][..., ::-1], pri[2])
             if rng.uniform() < 0.5:
                 img, masks = img[::-1], masks[:, ::-1]
+                ignore = ignore[::-1] if ignore is not None else None
                 if pri is not None:
                     pri = (box_ops.vflip_boxes(pri[0], img.shape[0]), pri[1][..., ::-1, :], pri[2])
             k = int(rng.integers(4))
             if pri is not None:
                 pri = (box_ops.rot90_boxes(pri[0], k, *img.shape[:2]), np.rot90(pri[1], k, (-2, -1)), pri[2])
             img, masks = np.rot90(img, k, (0, 1)), np.rot90(masks, k, (1, 2))
+            ignore = np.rot90(ignore, k) if ignore is not None else None
         keep = masks.reshape(len(masks), -1).sum(1) >= self.min_visible_px if len(masks) else np.zeros(0, bool)
         masks, labels = masks[keep], labels[keep]
         boxes = _mask_boxes(masks)
@@ -132,6 +148,8 @@ class CocoInstances(torch.utils.data.Dataset):
             "labels": torch.from_numpy(labels),
             "masks": torch.from_numpy(np.ascontiguousarray(masks)),
         }
+        if ignore is not None:
+            target["ignore"] = torch.from_numpy(np.ascontiguousarray(ignore))
         if pri is not None:
             target |= {"prior_boxes": torch.from_numpy(np.ascontiguousarray(pri[0][keep], dtype=np.float32)),
                        "prior_maps": torch.from_numpy(np.ascontiguousarray(pri[1][keep])),

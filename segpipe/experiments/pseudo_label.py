@@ -36,6 +36,9 @@ class SweepPoint(Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]*$")
     keep: KeepRule = Field(default_factory=KeepRule)
     empty_images: str = Field("drop", pattern="^(drop|keep)$")
+    ignore: KeepRule | None = Field(None, description="instances not kept that pass this rule become ignore regions")
+    weight: float | None = Field(None, gt=0, le=100, description="the pseudo set's source weight for this "
+                                 "point's student (default: the experiment's pseudo_weight)")
 
 
 class ExperimentConfig(Strict):
@@ -103,8 +106,10 @@ class Experiment:
         self.w = Path(cfg.work_dir)
         self.segpipe = segpipe or [sys.executable, "-m", "segpipe.cli"]
         prev = self.w / "results.json"
-        steps = json.loads(prev.read_text()).get("steps", {}) if prev.is_file() else {}  # earlier calls' commands
-        self.results: dict[str, Any] = {"config": cfg.model_dump(mode="json"), "steps": steps}
+        earlier = json.loads(prev.read_text()) if prev.is_file() else {}
+        self.results: dict[str, Any] = {"config": cfg.model_dump(mode="json"), "steps": earlier.get("steps", {})}  # their commands
+        self.quality = {row["set_sha256"]: row["set_quality"] for row in earlier.get("students", [])
+                        if row.get("set_sha256") and row.get("set_quality")}  # set sha256 -> set_quality(...)
 
     # --- paths ---------------------------------------------------------------------------------
     def root(self) -> str:
@@ -135,7 +140,8 @@ class Experiment:
             if _set_counts(sets[p.name])["images_written"] == 0:
                 self.log(f"{self.student_name(p)}: not trained: the setting keeps no image")
                 continue
-            data = [str(self.w / "labeled.json"), f"{sets[p.name]}/instances.json@{self.cfg.pseudo_weight:g}"]
+            weight = self.cfg.pseudo_weight if p.weight is None else p.weight
+            data = [str(self.w / "labeled.json"), f"{sets[p.name]}/instances.json@{weight:g}"]
             students.append((self.cfg.student, self.student_name(p), data))
         self.train_all(students)
         self.results["wall_s_this_call"] = round(time.time() - t0, 1)
@@ -229,12 +235,14 @@ class Experiment:
     def pseudo_set(self, run: Path, point: SweepPoint) -> Path:
         out = self.w / "sets" / point.name
         want = point.keep.model_dump(mode="json")
+        ignore = point.ignore.model_dump(mode="json") if point.ignore is not None else None
         card = out / "card.yaml"
         if card.is_file():
             have = yaml.safe_load(card.read_text())
-            if have.get("keep") == want and have.get("empty_images") == point.empty_images:
+            if have.get("keep") == want and have.get("empty_images") == point.empty_images and have.get("ignore") == ignore:
                 return out
         sets = [a for k, v in want.items() for a in ("--set", f"keep.{k}={v}")]
+        sets += ([a for k, v in ignore.items() for a in ("--set", f"ignore.{k}={v}")] if ignore else ["--set", "ignore=null"])
         self.command(f"set-{point.name}", ["pseudo-label", str(run), "--out", str(out), *sets,
                                            "--set", f"empty_images={point.empty_images}"])
         return out
@@ -256,6 +264,9 @@ class Experiment:
 
     # --- results -------------------------------------------------------------------------------
     def summarise(self, val_run: Path) -> dict:
+        from segpipe.data.coco import read_json
+        from segpipe.experiments.set_quality import set_quality
+
         r = self.results
         r["teachers"] = {m: _card_metrics(self.model_dir(self.teacher_name(m))) for m in self.cfg.teachers}
         manifest = json.loads((val_run / "_segpipe" / "run.json").read_text())
@@ -270,7 +281,13 @@ class Experiment:
         for p in self.sweep_points():
             s_dir = self.model_dir(self.student_name(p))
             set_card = yaml.safe_load((self.w / "sets" / p.name / "card.yaml").read_text())
-            row = {"setting": p.name, "keep": p.keep.model_dump(mode="json"), "set": set_card["counts"],
+            if set_card["sha256"] not in self.quality:
+                self.quality[set_card["sha256"]] = set_quality(read_json(str(self.w / "sets" / p.name / "instances.json")),
+                                                               self.truth())
+            row = {"setting": p.name, "keep": p.keep.model_dump(mode="json"),
+                   "ignore": p.ignore.model_dump(mode="json") if p.ignore is not None else None, "set": set_card["counts"],
+                   "weight": self.cfg.pseudo_weight if p.weight is None else p.weight,
+                   "set_sha256": set_card["sha256"], "set_quality": self.quality[set_card["sha256"]],
                    "model": self.student_name(p)}
             if set_card["counts"]["images_written"] == 0:
                 row["skipped"] = "the setting keeps no image"
@@ -282,6 +299,19 @@ class Experiment:
             r["students"].append(row)
         self.save()
         return r
+
+    def truth(self) -> dict:
+        """The unlabelled part's thrown-away labels (train.json restricted to its images): only for
+        ``set_quality``, a diagnostic; nothing is chosen by it."""
+        from segpipe.data.coco import read_json
+
+        if not hasattr(self, "_truth"):
+            names = {im["file_name"] for im in json.loads((self.w / "unlabeled.json").read_text())["images"]}
+            doc = read_json(f"{self.root()}/train.json")
+            ids = {im["id"] for im in doc["images"] if im["file_name"] in names}
+            self._truth = doc | {"images": [im for im in doc["images"] if im["id"] in ids],
+                                 "annotations": [a for a in doc["annotations"] if a["image_id"] in ids]}
+        return self._truth
 
     def save(self) -> None:
         self.w.mkdir(parents=True, exist_ok=True)

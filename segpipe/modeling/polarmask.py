@@ -4,7 +4,8 @@ An FCOS-style anchor-free head on the small ResNet-FPN predicts, at every locati
 level, class scores, a polar centerness and ``n_rays`` ray lengths; an instance is the polygon
 through the ray ends, rasterised. Training: focal loss (classes), BCE (centerness, on
 positives), polar IoU loss log(sum max(d, d*) / sum min(d, d*)) weighted by the centerness
-target. Inference: score = sqrt(class prob x centerness), top-k per level, box NMS, polygons.
+target. Locations inside a target's ignore regions (``ignore`` bool [H, W], from crowd
+annotations) are left out of the class loss unless they are positives. Inference: score = sqrt(class prob x centerness), top-k per level, box NMS, polygons.
 
 Images keep their native resolution (padded to a multiple of 64), so object sizes in pixels are
 what the levels' size ranges refer to.
@@ -105,19 +106,24 @@ class PolarMask(nn.Module):
         cls = torch.cat([c.flatten(2) for c, _, _ in outs], 2).permute(0, 2, 1)  # [B, L, C]
         ctr = torch.cat([t.flatten(2) for _, t, _ in outs], 2)[:, 0]  # [B, L]
         rays = torch.cat([r.flatten(2) for _, _, r in outs], 2).permute(0, 2, 1)  # [B, L, n]
-        t_labels, t_rays = [], []
+        t_labels, t_rays, t_ignored = [], [], []
         for tgt in targets:
             masks = tgt["masks"].cpu().numpy().astype(np.uint8)
             pt = polar.polar_targets(masks, tgt["labels"].cpu().numpy(), shapes, self.strides,
                                      size_ranges=p.size_ranges, center_radius=p.center_radius, n_rays=p.n_rays)
             t_labels.append(torch.from_numpy(pt.labels))
             t_rays.append(torch.from_numpy(pt.rays))
+            ign = tgt.get("ignore")  # ignore regions: their locations are not negatives
+            t_ignored.append(torch.from_numpy(polar.ignored_locations(ign.cpu().numpy(), shapes, self.strides))
+                             if ign is not None else torch.zeros(len(pt.labels), dtype=torch.bool))
         labels = torch.stack(t_labels).to(cls.device)  # [B, L]
         target_rays = torch.stack(t_rays).to(cls.device)  # [B, L, n]
         pos = labels > 0
         n_pos = max(int(pos.sum()), 1)
         onehot = F.one_hot(labels, self.num_classes + 1)[..., 1:].to(cls.dtype)
-        loss_cls = sigmoid_focal_loss(cls, onehot, alpha=p.focal_alpha, gamma=p.focal_gamma, reduction="sum") / n_pos
+        counted = ~(torch.stack(t_ignored).to(cls.device) & ~pos)  # [B, L]: positives and non-ignored negatives
+        focal = sigmoid_focal_loss(cls, onehot, alpha=p.focal_alpha, gamma=p.focal_gamma, reduction="none")  # [B, L, C]
+        loss_cls = (focal * counted.unsqueeze(-1)).sum() / n_pos
         if not pos.any():
             zero = rays.sum() * 0 + ctr.sum() * 0
             return {"loss_cls": loss_cls, "loss_centerness": zero, "loss_polar_iou": zero}

@@ -122,6 +122,18 @@ def level_locations(shapes: list[tuple[int, int]], strides: list[int]) -> tuple[
     return np.concatenate(xy).astype(np.float64), np.concatenate(lv)
 
 
+def ignored_locations(ignore: np.ndarray, shapes: list[tuple[int, int]], strides: list[int]) -> np.ndarray:
+    """bool [L]: the locations (as ``level_locations`` orders them) whose centre pixel lies in
+    ``ignore`` (bool [H, W], the image's ignore regions); centres outside the image are not ignored."""
+    check_shape(ignore, ["H", "W"], "ignore")
+    xy, _ = level_locations(shapes, strides)
+    px = np.floor(xy).astype(np.int64)
+    inside = (px[:, 0] < ignore.shape[1]) & (px[:, 1] < ignore.shape[0])
+    out = np.zeros(len(xy), bool)
+    out[inside] = ignore[px[inside, 1], px[inside, 0]]
+    return out
+
+
 def polar_targets(masks: np.ndarray, labels: np.ndarray, shapes: list[tuple[int, int]], strides: list[int], *,
                   size_ranges: list[float], center_radius: float, n_rays: int) -> PolarTargets:
     """Assign instances to locations, PolarMask style.

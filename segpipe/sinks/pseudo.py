@@ -45,6 +45,17 @@ def rule_for(cfg: PseudoLabelConfig, category_name: str | None) -> KeepRule:
     return cfg.per_class.get(category_name or "", cfg.keep)
 
 
+def verdict(row: dict, cfg: PseudoLabelConfig) -> tuple[str, list[str]]:
+    """('kept' | 'ignored' | 'dropped', the keep criteria the row fails). 'ignored': not kept but
+    passing ``cfg.ignore`` (written as an ignore region)."""
+    fails = keep_failures(row, rule_for(cfg, row.get("category_name")))
+    if not fails:
+        return "kept", fails
+    if cfg.ignore is not None and not keep_failures(row, cfg.ignore):
+        return "ignored", fails
+    return "dropped", fails
+
+
 def bin_label(value: float | None) -> str:
     """The histogram bin of a value in [0, 1] ('0.3-0.4'; 'none' for a missing value)."""
     if value is None:
@@ -54,14 +65,15 @@ def bin_label(value: float | None) -> str:
 
 
 class _Tally:
-    """Kept/dropped histograms by class, votes, agreement, confidence and score."""
+    """Kept/dropped (and ignored, with an ignore rule) histograms by class, votes, agreement,
+    confidence and score."""
 
-    def __init__(self) -> None:
+    def __init__(self, sides: tuple[str, ...] = ("kept", "dropped")) -> None:
+        self.sides = sides
         self.hist: dict[str, dict[str, Counter]] = defaultdict(lambda: defaultdict(Counter))
         self.failed: Counter = Counter()
 
-    def add(self, row: dict, kept: bool, failures: list[str]) -> None:
-        side = "kept" if kept else "dropped"
+    def add(self, row: dict, side: str, failures: list[str]) -> None:
         conf = row.get("confidence")
         for name, key in (("class", row.get("category_name") or str(row["category_id"])),
                           ("n_votes", str(int(row.get("n_votes") or 1))),
@@ -72,7 +84,7 @@ class _Tally:
         self.failed.update(failures)
 
     def as_dict(self) -> dict:
-        return {name: {k: {"kept": c["kept"], "dropped": c["dropped"]} for k, c in sorted(bins.items())}
+        return {name: {k: {side: c[side] for side in self.sides} for k, c in sorted(bins.items())}
                 for name, bins in self.hist.items()}
 
 
@@ -80,7 +92,7 @@ def write_pseudo_labels(run_uri: str, cfg: PseudoLabelConfig, *, out_uri: str | 
                         fs: fsspec.AbstractFileSystem | None = None) -> dict:
     """Filter a run's committed fused instances by ``cfg`` into ``out_uri`` (default
     ``run_uri``/``cfg.out``): instances.json (COCO; kept instances with their score, n_votes,
-    agreement, confidence) and card.yaml (where from, thresholds, counts, histograms); both
+    agreement, confidence; with ``cfg.ignore``, the ignored ones too, as iscrowd 1) and card.yaml (where from, thresholds, counts, histograms); both
     written to temporary names and moved into place. ``manifest``: the run's manifest (read
     from the run when not given). Returns the card as a dict."""
     fs, root = resolve(run_uri, fs)
@@ -92,7 +104,7 @@ def write_pseudo_labels(run_uri: str, cfg: PseudoLabelConfig, *, out_uri: str | 
     out_fs.makedirs(out_root, exist_ok=True)
     ann_path, card_path = f"{out_root}/instances.json", f"{out_root}/card.yaml"
     markers = read_markers(fs, root)
-    tally = _Tally()
+    tally = _Tally(("kept", "ignored", "dropped") if cfg.ignore is not None else ("kept", "dropped"))
     counts = Counter()
     categories: dict[int, str] = {}
     digest = hashlib.sha256()
@@ -115,11 +127,11 @@ def write_pseudo_labels(run_uri: str, cfg: PseudoLabelConfig, *, out_uri: str | 
                 n_kept = 0
                 for r in by_image.get(im["image_id"], []):
                     categories.setdefault(int(r["category_id"]), r.get("category_name") or str(r["category_id"]))
-                    fails = keep_failures(r, rule_for(cfg, r.get("category_name")))
-                    tally.add(r, not fails, fails)
+                    side, fails = verdict(r, cfg)
+                    tally.add(r, side, fails)
                     counts["instances"] += 1
-                    counts["kept" if not fails else "dropped"] += 1
-                    n_kept += not fails
+                    counts[side] += 1
+                    n_kept += side == "kept"
                 if not n_kept and cfg.empty_images == "drop":
                     counts["images_dropped_empty"] += 1
                     continue
@@ -128,16 +140,19 @@ def write_pseudo_labels(run_uri: str, cfg: PseudoLabelConfig, *, out_uri: str | 
                 put((b", " if written else b"") + json.dumps(rec).encode())
                 written.add(im["image_id"])
         put(b'], "annotations": [')
-        n_ann = 0
-        for _, by_image in _shards(fs, root, markers):  # pass 2: the kept instances of the written images
+        n_ann = n_ignore = 0
+        for _, by_image in _shards(fs, root, markers):  # pass 2: the kept (and ignored) instances of the written images
             for image_id in sorted(set(by_image) & written):
                 for r in by_image[image_id]:
-                    if not keep_failures(r, rule_for(cfg, r.get("category_name"))):
+                    side, _ = verdict(r, cfg)
+                    if side != "dropped":
                         n_ann += 1
-                        put((b", " if n_ann > 1 else b"") + json.dumps(_annotation(n_ann, r)).encode())
+                        n_ignore += side == "ignored"
+                        put((b", " if n_ann > 1 else b"") + json.dumps(_annotation(n_ann, r, side == "ignored")).encode())
         cats = run_categories(manifest) or [{"id": k, "name": v} for k, v in sorted(categories.items())]
         put(b'], "categories": ' + json.dumps(cats).encode() + b"}")
-    counts["images_written"], counts["instances_written"] = len(written), n_ann
+    counts["images_written"], counts["instances_written"] = len(written), n_ann - n_ignore
+    counts["ignore_regions_written"] = n_ignore
     out_fs.mv(f"{ann_path}.tmp", ann_path)
     card = {
         "kind": "pseudo-labels",
@@ -155,9 +170,13 @@ def write_pseudo_labels(run_uri: str, cfg: PseudoLabelConfig, *, out_uri: str | 
         "keep": cfg.keep.model_dump(mode="json"),
         "per_class": {k: v.model_dump(mode="json") for k, v in cfg.per_class.items()},
         "empty_images": cfg.empty_images,
+        "ignore": cfg.ignore.model_dump(mode="json") if cfg.ignore is not None else None,
         "counts": {k: int(counts[k]) for k in ("images_processed", "images_ok", "images_failed", "images_dropped_empty",
-                                                 "images_written", "instances", "kept", "dropped", "instances_written")},
-        "dropped_by": {c: int(tally.failed[c]) for c in CRITERIA},  # an instance may fail several criteria
+                                                 "images_written", "instances", "kept")
+                   + (("ignored",) if cfg.ignore is not None else ()) + ("dropped", "instances_written")
+                   + (("ignore_regions_written",) if cfg.ignore is not None else ())},
+        # the keep criteria failed by the instances not kept (ignored or dropped); an instance may fail several
+        "dropped_by": {c: int(tally.failed[c]) for c in CRITERIA},
         "histograms": tally.as_dict(),
     }
     with out_fs.open(f"{card_path}.tmp", "w") as f:
@@ -192,7 +211,7 @@ def run_categories(manifest: dict) -> list[dict]:
     return [{"id": c["id"], "name": c["name"]} for c in cats]
 
 
-def _annotation(ann_id: int, r: dict) -> dict:
+def _annotation(ann_id: int, r: dict, ignore: bool = False) -> dict:
     return {
         "id": ann_id,
         "image_id": r["image_id"],
@@ -200,7 +219,7 @@ def _annotation(ann_id: int, r: dict) -> dict:
         "segmentation": {"size": [r["mask_height"], r["mask_width"]], "counts": r["mask_rle"]},
         "area": r["area"],
         "bbox": [round(float(v), 2) for v in r["bbox"]],
-        "iscrowd": 0,
+        "iscrowd": int(ignore),
         "score": round(float(r["score"]), 5),
         "n_votes": int(r.get("n_votes") or 1),
         "agreement": None if r.get("agreement") is None else round(float(r["agreement"]), 4),

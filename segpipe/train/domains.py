@@ -79,9 +79,17 @@ def _with_sources(data: DomainData, cfg: TrainConfig, log: Log) -> DomainData:
         if not doc["images"]:
             raise DataSourceError(f"{src.ann} holds no images")
         n_ann = sum(1 for a in doc["annotations"] if not a.get("iscrowd", 0))
+        n_crowd = len(doc["annotations"]) - n_ann
         sources.append(Source(ann=src.ann, images=images, weight=src.weight))
         rec = {"file": src.ann, "sha256": _digest(src.ann), "images": len(doc["images"]), "instances": n_ann,
                "weight": src.weight}
+        if n_crowd:
+            from segpipe.train.methods import METHODS
+
+            honoured = METHODS[cfg.method].ignore_regions
+            rec["ignore_regions"] = {"count": n_crowd, "honoured": honoured}
+            log(f"source {src.ann}: {n_crowd} ignore regions (iscrowd): "
+                + ("left out of the loss" if honoured else f"{cfg.method} does not honour them: they count as background"))
         card = _dataset_card(src.ann)
         if card:
             rec["dataset_card"] = card

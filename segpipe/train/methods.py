@@ -19,6 +19,7 @@ class MethodSpec:
     builder: str  # the modeling registry key written into cards
     family: str
     paper: str
+    ignore_regions: bool = False  # its loss honours targets' ``ignore`` (crowd annotations); else they are background
 
 
 def _maskrcnn(**kw):
@@ -68,7 +69,7 @@ METHODS: dict[str, MethodSpec] = {
                            "Mask R-CNN, He, Gkioxari, Dollar, Girshick, ICCV 2017 (arXiv:1703.06870)"),
     "polarmask": MethodSpec(PolarMaskParams, _polarmask, "polarmask", "single-shot polar",
                             "PolarMask: Single Shot Instance Segmentation with Polar Representation, "
-                            "Xie et al., CVPR 2020 (arXiv:1909.13226)"),
+                            "Xie et al., CVPR 2020 (arXiv:1909.13226)", ignore_regions=True),
     "spatialemb": MethodSpec(SpatialEmbParams, _spatialemb, "spatialemb", "embedding",
                              "Instance Segmentation by Jointly Optimizing Spatial Embeddings and Clustering Bandwidth, "
                              "Neven, De Brabandere, Proesmans, Van Gool, CVPR 2019 (arXiv:1906.11109)"),
