@@ -124,6 +124,10 @@ class Experiment:
     def teacher_name(self, method: str) -> str:
         return f"{method}-{self.cfg.domain}-{self.cfg.tag()}"
 
+    def weight(self, point: SweepPoint) -> float:
+        """The pseudo set's source weight in ``point``'s student."""
+        return self.cfg.pseudo_weight if point.weight is None else point.weight
+
     def student_name(self, point: SweepPoint) -> str:
         return f"{self.cfg.student}-{self.cfg.domain}-{self.cfg.tag()}-pl-{point.name}"
 
@@ -140,8 +144,7 @@ class Experiment:
             if _set_counts(sets[p.name])["images_written"] == 0:
                 self.log(f"{self.student_name(p)}: not trained: the setting keeps no image")
                 continue
-            weight = self.cfg.pseudo_weight if p.weight is None else p.weight
-            data = [str(self.w / "labeled.json"), f"{sets[p.name]}/instances.json@{weight:g}"]
+            data = [str(self.w / "labeled.json"), f"{sets[p.name]}/instances.json@{self.weight(p):g}"]
             students.append((self.cfg.student, self.student_name(p), data))
         self.train_all(students)
         self.results["wall_s_this_call"] = round(time.time() - t0, 1)
@@ -286,7 +289,7 @@ class Experiment:
                                                                self.truth())
             row = {"setting": p.name, "keep": p.keep.model_dump(mode="json"),
                    "ignore": p.ignore.model_dump(mode="json") if p.ignore is not None else None, "set": set_card["counts"],
-                   "weight": self.cfg.pseudo_weight if p.weight is None else p.weight,
+                   "weight": self.weight(p),
                    "set_sha256": set_card["sha256"], "set_quality": self.quality[set_card["sha256"]],
                    "model": self.student_name(p)}
             if set_card["counts"]["images_written"] == 0:

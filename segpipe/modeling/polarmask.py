@@ -5,7 +5,8 @@ level, class scores, a polar centerness and ``n_rays`` ray lengths; an instance 
 through the ray ends, rasterised. Training: focal loss (classes), BCE (centerness, on
 positives), polar IoU loss log(sum max(d, d*) / sum min(d, d*)) weighted by the centerness
 target. Locations inside a target's ignore regions (``ignore`` bool [H, W], from crowd
-annotations) are left out of the class loss unless they are positives. Inference: score = sqrt(class prob x centerness), top-k per level, box NMS, polygons.
+annotations) are left out of the class loss unless they are positives. Inference: score =
+sqrt(class prob x centerness), top-k per level, box NMS, polygons.
 
 Images keep their native resolution (padded to a multiple of 64), so object sizes in pixels are
 what the levels' size ranges refer to.

@@ -92,7 +92,8 @@ def write_pseudo_labels(run_uri: str, cfg: PseudoLabelConfig, *, out_uri: str | 
                         fs: fsspec.AbstractFileSystem | None = None) -> dict:
     """Filter a run's committed fused instances by ``cfg`` into ``out_uri`` (default
     ``run_uri``/``cfg.out``): instances.json (COCO; kept instances with their score, n_votes,
-    agreement, confidence; with ``cfg.ignore``, the ignored ones too, as iscrowd 1) and card.yaml (where from, thresholds, counts, histograms); both
+    agreement, confidence; with ``cfg.ignore``, the ignored ones too, as iscrowd 1) and card.yaml
+    (where from, thresholds, counts, histograms); both
     written to temporary names and moved into place. ``manifest``: the run's manifest (read
     from the run when not given). Returns the card as a dict."""
     fs, root = resolve(run_uri, fs)
@@ -172,9 +173,8 @@ def write_pseudo_labels(run_uri: str, cfg: PseudoLabelConfig, *, out_uri: str | 
         "empty_images": cfg.empty_images,
         "ignore": cfg.ignore.model_dump(mode="json") if cfg.ignore is not None else None,
         "counts": {k: int(counts[k]) for k in ("images_processed", "images_ok", "images_failed", "images_dropped_empty",
-                                                 "images_written", "instances", "kept")
-                   + (("ignored",) if cfg.ignore is not None else ()) + ("dropped", "instances_written")
-                   + (("ignore_regions_written",) if cfg.ignore is not None else ())},
+                                                 "images_written", "instances", *tally.sides, "instances_written",
+                                                 *(("ignore_regions_written",) if cfg.ignore is not None else ()))},
         # the keep criteria failed by the instances not kept (ignored or dropped); an instance may fail several
         "dropped_by": {c: int(tally.failed[c]) for c in CRITERIA},
         "histograms": tally.as_dict(),
