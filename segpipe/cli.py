@@ -115,6 +115,7 @@ def train_cmd(
     out: Annotated[Optional[str], typer.Option(help="card folder (default models/<name>)")] = None,
     work_dir: Annotated[str, typer.Option(help="data, checkpoints, logs")] = "runs/train",
     threads: Annotated[Optional[int], typer.Option(help="torch threads")] = None,
+    device: Annotated[str, typer.Option(help="auto (a GPU when one is present) | cpu | cuda")] = "auto",
     priors: Annotated[Optional[str], typer.Option(help="pointrend, scorer: a finished ensemble `segpipe run` over the "
                                                   "training images; the refiner learns from its fused masks, the scorer "
                                                   "from its fused instances' IoU with the truth")] = None,
@@ -145,7 +146,7 @@ def train_cmd(
         cfg = TrainConfig(
             method=method, domain=domain, data=roots[0] if roots else None, sources=sources, iterations=iterations, batch_size=batch_size, lr=lr, crop=crop,
             seed=seed, train_n=train_n, train_seed=train_seed, val_n=val_n, val_seed=val_seed, name=name, out=out,
-            work_dir=work_dir, threads=threads, params=params, priors=priors, prior_iou=prior_iou, refine_base=refine_base,
+            work_dir=work_dir, threads=threads, device=device, params=params, priors=priors, prior_iou=prior_iou, refine_base=refine_base,
             val_run=val_run,
         )
         from segpipe.train.methods import METHODS
@@ -841,9 +842,20 @@ def models_eval(
                                                 "(default: the one it was validated on)")] = None,
     boundary: Annotated[bool, typer.Option("--boundary", help="add Boundary AP (always on for refiners)")] = False,
     as_json: Annotated[bool, typer.Option("--json")] = False,
+    tiling: Annotated[str, typer.Option(help="off | auto | on: sliding-window inference (as a workflow's tiling.mode)")] = "off",
+    tile: Annotated[Optional[int], typer.Option(help="tile side, pixels (default: the model's training crop or image size)")] = None,
 ) -> None:
     """Evaluate one zoo model in-process on a COCO dataset (no Ray). A refiner (pointrend card)
     is scored on its base model's predictions, before and after refinement."""
+    from pydantic import ValidationError
+
+    from segpipe.config import TilingConfig
+    from segpipe.modeling.tiled import default_tile
+
+    try:
+        tiling_cfg = TilingConfig(mode=tiling, tile=tile)
+    except ValidationError as e:
+        _fail(f"--tiling/--tile: {e.errors()[0]['msg']}")
     from segpipe.evaluation import compare_table, evaluate, evaluate_refiner, format_table, load_gt, predict_dataset
     from segpipe.modeling.zoo import load_adapter
 
@@ -860,7 +872,8 @@ def models_eval(
         rows = [(base_card.version(), before), (f"{base_card.version()} + {card.version()}", after)]
         typer.echo(json.dumps([{"result": n, **st} for n, st in rows]) if as_json else compare_table(rows))
         return
-    preds = predict_dataset(adapter, g, image_dir, progress=lambda m: typer.echo(m, err=True))  # stdout stays JSON
+    preds = predict_dataset(adapter, g, image_dir, progress=lambda m: typer.echo(m, err=True),  # stdout stays JSON
+                            tiling=None if tiling_cfg.mode == "off" else tiling_cfg, tile=tile or default_tile(card))
     stats = evaluate(g, preds, max_dets=max_dets, boundary=boundary)
     stats["model"] = card.version()
     typer.echo(json.dumps(stats) if as_json else f"{card.version()}\n" + format_table(stats))

@@ -535,6 +535,20 @@ class RSISParams(EmbedNetParams):
                          "rates highest, learns that object's mask (no matching), and its pointer learns a set target "
                          "(any remaining object); the canvas is teacher-forced. At inference the pointer's argmax cell "
                          "is fed (not in the paper)")
+    point: bool = Field(False, description="the point variant (segpipe.modeling.rsis_point): each step takes the peak "
+                        "of a centre heat map read from its hidden state and the canvas, and a mask head conditioned on "
+                        "that point segments the object there; training feeds the remaining object the heat map rates "
+                        "highest (no matching) and the heat map learns Gaussian peaks at the remaining objects (not in "
+                        "the paper)")
+    point_stride: Literal[2, 4, 8] = Field(4, description="point: the heat map's stride, pixels")
+    point_width: int = Field(32, ge=4, description="point: width of the heat and mask heads")
+    point_scale: float = Field(32.0, gt=0, description="point: pixels per unit of the mask head's relative coordinates")
+    point_jitter: bool = Field(True, description="point: training feeds a random core pixel of the chosen object (its "
+                               "distance to the background at least half the maximum) instead of the most interior one")
+    w_heat: float = Field(1.0, ge=0, description="point: heat-map focal loss weight")
+    train_steps: int | None = Field(None, ge=1, description="point: training runs at most this many steps per batch (the "
+                                    "objects the heat map picks first); the heat map still learns every object left. "
+                                    "Default max_steps")
     order_prior: float = Field(0.0, ge=0, description="added matching cost |step - rank| / N, rank = the object's "
                                "order top to bottom (by centroid): breaks the set loss's ties towards one order; 0 = "
                                "the paper's pure Hungarian matching")
@@ -550,6 +564,11 @@ class RSISParams(EmbedNetParams):
             raise ValueError(f"lstm_channels: {len(self.lstm_channels)} levels but the encoder has only {len(self.channels)}")
         if self.guided and not (self.pointer and self.feed_canvas):
             raise ValueError("guided: needs pointer and feed_canvas")
+        if self.point and (self.pointer or self.guided or not self.feed_canvas):
+            raise ValueError("point: needs feed_canvas and replaces pointer and guided (set those false)")
+        if self.point and self.point_stride > 2 ** (len(self.channels) - 1):
+            raise ValueError(f"point_stride: {self.point_stride} is coarser than the decoder's finest-but-one level "
+                             f"({2 ** (len(self.channels) - 1)})")
         return self
 
 
@@ -722,7 +741,7 @@ TRAIN_RECIPES: dict[tuple[str, str], dict[str, Any]] = {
     ("scorer", "nuclei"): {"iterations": 4000, "batch_size": 1024, "warmup": 100},
     ("rsis", "shapes"): {"iterations": 5000, "crop": 160, "warmup": 200,
                          "params": {"lstm_channels": [64, 32], "max_steps": 16, "classify": "instances"}},
-    ("rsis", "nuclei"): {"iterations": 4000, "crop": 128, "warmup": 200,
+    ("rsis", "nuclei"): {"iterations": 4000, "crop": 128, "warmup": 200, "val_tiling": "on",
                          "params": {"channels": [16, 32, 64], "lstm_channels": [32, 16], "max_steps": 100}},
 }
 
@@ -779,6 +798,8 @@ class TrainConfig(Strict):
     val_seed: int = 9999
     checkpoint_every: int = Field(500, ge=1)
     threads: int | None = Field(None, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where to train and validate: auto = a GPU when "
+                                                   "one is present (the card's hardware line says which)")
     params: dict[str, Any] = Field(default_factory=dict, description="architecture overrides")
     refine_base: str | None = Field(None, description="pointrend: the zoo model whose val predictions the refiner is "
                                     "scored on (default <maskrcnn>-<domain>)")
@@ -789,6 +810,9 @@ class TrainConfig(Strict):
                                 "card's metrics compare the ensemble's AP with and without the scorer on it")
     prior_iou: float = Field(0.5, gt=0, le=1, description="pointrend with priors: the mask IoU a fused prediction needs "
                              "with a ground-truth instance to become its prior")
+    val_tiling: Literal["off", "auto", "on"] = Field("off", description="the card's validation runs images larger than "
+                                                   "the training crop tile by tile at that crop (auto / on, as "
+                                                   "tiling.mode); for methods whose instance count per pass is bounded")
 
     @model_validator(mode="before")
     @classmethod

@@ -127,6 +127,7 @@ def test_train_on_labelled_and_pseudo_labelled_files_with_weights(demo_run, shap
     assert pseudo["counts"]["ignore_regions_written"] > 0 and "ignore_regions" not in train[0]
     assert train[1]["dataset_card"]["run_id"] == pseudo["run_id"] and train[1]["dataset_card"]["keep"]["min_confidence"] == 0.3
     assert "shapes val" in card["metrics"][0]["split"]  # validation stays the domain's
+    assert not list((tmp_path / "w").glob("shapes-train-*"))  # the domain's training set is not generated
     assert [s["weight"] for s in card["training"]["config"]["sources"]] == [1.0, 0.5]
     # A rewritten pseudo-label set is other data: a checkpoint trained on the old one does not resume.
     from segpipe.train.loop import CheckpointMismatchError, train

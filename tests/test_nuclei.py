@@ -90,6 +90,9 @@ def test_train_on_nuclei_from_a_uri_writes_a_card(tmp_path, method, params):
     assert card["metrics"][0]["values"]["maxDets"] == 1000
     assert "nuclei val" in card["metrics"][0]["split"] and "--max-dets 1000" in card["metrics"][0]["command"]
     assert "256" not in card["training"]["data"]["augmentation"] and "64x64 crops" in card["training"]["data"]["augmentation"]
+    # RSIS's bounded step count: the nuclei recipe scores it tiled at its training crop, and says so.
+    assert ("--tiling on" in card["metrics"][0]["command"]) == (method == "rsis")
+    assert card["training"]["config"]["val_tiling"] == ("on" if method == "rsis" else "off")
     if method == "pointrend":  # scored on its base model's val predictions, before and after, with Boundary AP
         assert [m["split"].rsplit(" ", 1)[-1] for m in card["metrics"]] == ["unrefined", "refined"]
         assert "maskrcnn-nuclei@" in card["metrics"][1]["split"] and "--base maskrcnn-nuclei" in card["metrics"][1]["command"]

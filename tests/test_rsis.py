@@ -13,6 +13,7 @@ from segpipe.modeling.zoo import load_adapter, save_weights
 
 from conftest import TINY_RSIS_PARAMS as TINY, assert_training_reduces_loss, check_loss_backward, check_nonoverlapping_output
 INST = {"classify": "instances", "class_crop": 8, "class_channels": [4]}
+POINT = {"point": True, "point_width": 6}
 
 
 # --- matching and the set loss -------------------------------------------------------------
@@ -214,12 +215,20 @@ def _targets():
                                          ({"pointer": True, "order_prior": 0.5},
                                           {"loss_mask", "loss_bce", "loss_fg", "loss_pointer", "loss_stop", "loss_step_class"}),
                                          ({"pointer": True, "guided": True},
-                                          {"loss_mask", "loss_bce", "loss_fg", "loss_pointer", "loss_stop", "loss_step_class"})])
+                                          {"loss_mask", "loss_bce", "loss_fg", "loss_pointer", "loss_stop", "loss_step_class"}),
+                                         (POINT, {"loss_mask", "loss_bce", "loss_fg", "loss_heat", "loss_stop", "loss_step_class"}),
+                                         (POINT | INST, {"loss_mask", "loss_bce", "loss_fg", "loss_heat", "loss_stop", "loss_class"})])
 def test_tiny_rsis_forward_backward(extra, keys):
     net = _tiny(extra).train()
     images, targets = _targets()
     assert any(g is not None for g in check_loss_backward(net, images, targets, keys))
-    assert net.stop_head.weight.grad.abs().sum() > 0 and net.refine[-1].weight.grad.abs().sum() > 0
+    assert net.stop_head.weight.grad.abs().sum() > 0
+    if net.point_heads is not None:
+        heads = net.point_heads
+        assert all(float(m[-1].weight.grad.abs().sum()) > 0 for m in (heads.heat_head, heads.mask_out))
+        assert float(heads.film.weight.grad.abs().sum()) > 0
+    else:
+        assert net.refine[-1].weight.grad.abs().sum() > 0
     if net.pointer_head is not None:
         assert net.pointer_head.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="targets"):
@@ -283,7 +292,7 @@ def test_params_reject_more_lstm_levels_than_encoder_levels():
         RSISParams(channels=[8, 16], lstm_channels=[16, 8, 4])
 
 
-@pytest.mark.parametrize("extra", [None, INST])
+@pytest.mark.parametrize("extra", [None, INST, POINT])
 def test_rsis_adapter_contract(tmp_path, extra):
     from segpipe.train.methods import METHODS
 
@@ -302,3 +311,158 @@ def test_rsis_adapter_contract(tmp_path, extra):
     adapter.network.params = adapter.network.params.model_copy(update={"mask_thresh": 0.3})
     out = check_nonoverlapping_output(adapter, {3, 7}, min_area=p.min_pixels)
     assert all(len(inst) <= p.max_steps for inst in out)
+
+
+# --- the point variant ---------------------------------------------------------------------------
+
+
+def _ring_and_square():
+    m = np.zeros((2, 32, 32), dtype=bool)
+    m[0, 4:12, 20:28] = True
+    yy, xx = np.mgrid[:32, :32]
+    r = np.sqrt((yy - 16) ** 2 + (xx - 16) ** 2)
+    m[1] = (r >= 8) & (r <= 13)
+    return m, r
+
+
+def test_interior_points_radii_and_cores():
+    from segpipe.modeling.rsis_point import interior_points, sample_points
+
+    m, r = _ring_and_square()
+    pts, radii, cores = interior_points(np.concatenate([m, np.zeros((1, 32, 32), bool)]))
+    assert tuple(pts[0]) in {(7.0, 23.0), (7.0, 24.0), (8.0, 23.0), (8.0, 24.0)}  # the square's centre
+    assert radii[0] == 4.0  # 4 pixels to the background from the middle of an 8-wide square
+    assert m[1][int(pts[1, 0]), int(pts[1, 1])] and abs(r[int(pts[1, 0]), int(pts[1, 1])] - 10.5) <= 1.0  # on the ring
+    assert radii[2] == 0 and cores[2].size == 0  # an empty instance
+    for j in range(2):  # every core pixel lies in the object, away from its border
+        assert m[j].flat[cores[j]].all() and 0 < cores[j].size < m[j].sum()
+    fed = sample_points(pts, cores, 32, np.random.default_rng(0), jitter=True)
+    for j in range(2):
+        assert int(fed[j, 0]) * 32 + int(fed[j, 1]) in set(cores[j].tolist())
+    assert np.array_equal(sample_points(pts, cores, 32, np.random.default_rng(0), jitter=False), pts)
+
+
+def test_heat_targets_peak_at_each_point_and_fall_off():
+    from segpipe.modeling.rsis_point import cell_of, heat_targets
+
+    pts = torch.tensor([[5.0, 9.0], [20.0, 2.0]])
+    t = heat_targets(pts, torch.tensor([2.0, 8.0]), (8, 8), 4)
+    assert t.shape == (2, 8, 8) and float(t.min()) >= 0 and float(t.max()) == 1.0
+    cells = cell_of(pts, 4, (8, 8))
+    assert cells.tolist() == [1 * 8 + 2, 5 * 8 + 0]
+    for j in range(2):
+        flat = t[j].flatten()
+        assert float(flat[cells[j]]) == 1.0 and int((flat == 1.0).sum()) == 1  # one positive per object
+    # The larger object's peak is wider: its neighbour two cells away keeps more of the peak.
+    assert float(t[1, 5, 2]) > float(t[0, 1, 4])
+    assert heat_targets(torch.zeros((0, 2)), torch.zeros(0), (3, 5), 4).shape == (0, 3, 5)
+
+
+def test_focal_heat_loss_prefers_the_peaks():
+    from segpipe.modeling.rsis_point import focal_heat_loss
+
+    target = torch.zeros((6, 6))
+    target[2, 3] = 1.0
+    target[1, 3] = 0.6  # near the peak: penalty-reduced
+    good = torch.full((6, 6), -8.0)
+    good[2, 3] = 8.0
+    flat = torch.zeros((6, 6))
+    assert float(focal_heat_loss(good, target)) < 0.01 < float(focal_heat_loss(flat, target))
+    near = good.clone()
+    near[1, 3] = 2.0
+    far = good.clone()
+    far[5, 0] = 2.0
+    assert float(focal_heat_loss(near, target)) < float(focal_heat_loss(far, target))  # firing beside the peak costs less
+    # Without any peak the loss only asks for silence, summed (divided by 1).
+    assert float(focal_heat_loss(torch.full((6, 6), -8.0), torch.zeros((6, 6)))) < 1e-4
+
+
+def test_relative_coords_and_sample_at():
+    from segpipe.modeling.rsis_point import cell_centre, relative_coords, sample_at
+
+    pts = torch.tensor([[4.5, 10.5]])
+    rc = relative_coords(pts, (8, 8), 2, 4.0)  # stride-2 cell (2, 5) is centred on (4.5, 10.5)
+    assert rc.shape == (1, 3, 8, 8)
+    assert float(rc[0, 0, 2, 5]) == 0.0 and float(rc[0, 1, 2, 5]) == 0.0 and float(rc[0, 2, 2, 5]) == 1.0
+    assert float(rc[0, 0, 4, 5]) == pytest.approx(1.0) and float(rc[0, 1, 2, 3]) == pytest.approx(-1.0)
+    assert float(rc[0, 2].max()) == 1.0 and float(rc[0, 2, 0, 0]) < 0.01
+    feats = torch.arange(64, dtype=torch.float32).reshape(1, 1, 8, 8)
+    assert float(sample_at(feats, pts, 2)[0, 0]) == pytest.approx(2 * 8 + 5)  # the value of that cell
+    assert cell_centre(torch.tensor([2 * 8 + 5]), 2, 8).tolist() == [[4.5, 10.5]]
+
+
+def test_point_training_reduces_the_loss_and_needs_the_canvas():
+    net = _tiny(POINT).train()
+    assert_training_reduces_loss(net, *_targets())
+    for bad in ({"feed_canvas": False}, {"pointer": True}, {"point_stride": 8}):
+        with pytest.raises(ValueError, match="point"):
+            RSISParams.model_validate(TINY | POINT | bad)
+
+
+def test_point_training_feeds_the_object_the_heat_map_rates_highest():
+    """The step's mask head gets the fed point of the remaining object whose peak cell the heat
+    map rates highest: raise the heat at one object's cell and that object is fed first."""
+    from segpipe.modeling import rsis_point
+
+    images, targets = _targets()
+    masks = targets[0]["masks"].numpy().astype(bool)
+    pts, _, _ = rsis_point.interior_points(masks)
+    for first in (0, 2):
+        net = _tiny(POINT | {"point_jitter": False}).train()
+        cells = rsis_point.cell_of(torch.from_numpy(pts), net.params.point_stride, (8, 10))
+        fed = []
+        heat_fn = net.point_heads.heat
+
+        def heat(*a, _first=first):
+            h = heat_fn(*a)
+            bump = torch.zeros_like(h).flatten(1)
+            bump[0, cells[_first]] = 50.0
+            return h + bump.reshape(h.shape)
+
+        net.point_heads.heat = heat
+        mask_fn = net.point_heads.mask
+        net.point_heads.mask = lambda dec, hid, side, points, stride: (fed.append(points[0].tolist()), mask_fn(dec, hid, side, points, stride))[1]
+        net([images[0]], [targets[0]])
+        assert fed[0] == pts[first].tolist()
+        assert sorted(map(tuple, fed[:3])) == sorted(map(tuple, pts.tolist()))  # every object fed once, then the stop step
+
+
+def test_point_inference_never_revisits_a_cell_and_stops_when_none_is_left():
+    net = _tiny(POINT | {"max_steps": 200}).eval()
+    with torch.no_grad():
+        net.stop_head.weight.zero_()
+        net.stop_head.bias.fill_(-20.0)  # never stops by the stop score
+        net.point_heads.mask_out[-1].weight.zero_()
+        net.point_heads.mask_out[-1].bias.fill_(-20.0)  # empty masks: nothing gets covered
+    seen = []
+    mask_fn = net.point_heads.mask
+    net.point_heads.mask = lambda dec, hid, side, points, stride: (seen.append(points[0].tolist()), mask_fn(dec, hid, side, points, stride))[1]
+    out = net([torch.rand(3, 24, 40)])
+    grid = (24 // 4) * (40 // 4)
+    assert out == [[]]
+    assert len(seen) == len({tuple(p) for p in seen})  # no cell twice
+    assert len(seen) <= grid and len(seen) < 200  # it ran out of cells long before the bound
+
+
+def test_batched_focal_heat_loss_matches_the_per_image_one():
+    from segpipe.modeling.rsis_point import focal_heat_loss, focal_heat_loss_batch
+
+    torch.manual_seed(0)
+    logits = torch.randn(3, 5, 7)
+    target = torch.rand(3, 5, 7) * 0.9
+    target[0, 1, 2] = target[0, 3, 3] = 1.0
+    target[1, 4, 6] = 1.0  # image 2 has no peak
+    batch = focal_heat_loss_batch(logits, target)
+    for b in range(3):
+        assert float(batch[b]) == pytest.approx(float(focal_heat_loss(logits[b], target[b])), rel=1e-5)
+
+
+def test_point_train_steps_bounds_the_steps_of_a_training_batch():
+    images, targets = _targets()  # 3 objects: 4 steps unbounded
+    for bound, steps in ((None, 4), (2, 2)):
+        net = _tiny(POINT | {"train_steps": bound}).train()
+        calls = []
+        hook = net.stop_head.register_forward_hook(lambda *a: calls.append(1))
+        losses = net(images, targets)
+        hook.remove()
+        assert len(calls) == steps and float(losses["loss_heat"].detach()) > 0

@@ -133,3 +133,31 @@ def test_full_image_pass_adds_objects_larger_than_a_tile(mosaic, maskrcnn):
                                                               full_image_min_size=0.5), batch_size=4)
     big = with_full.select(np.nonzero(mask_ops.area(with_full.masks) > 0.3 * 256 * 256)[0])
     assert len(big) == 1  # the image-sized disc, found once, whole
+
+
+def test_models_eval_tiles_the_images_it_is_asked_to(mosaic, maskrcnn, tmp_path):
+    """``segpipe models eval --tiling on``: predict_dataset runs a mosaic larger than the tile
+    through tiled_predict, exactly as the pipeline stage does, and leaves a tile-sized image whole."""
+    import json
+
+    from PIL import Image
+
+    from segpipe.evaluation import instances_to_results, load_gt, predict_dataset
+
+    ims, big = mosaic
+    adapter, _ = maskrcnn
+    (tmp_path / "images").mkdir()
+    Image.fromarray(big).save(tmp_path / "images" / "big.png")
+    Image.fromarray(ims[0]).save(tmp_path / "images" / "small.png")
+    doc = {"images": [{"id": 1, "file_name": "big.png", "height": big.shape[0], "width": big.shape[1]},
+                      {"id": 2, "file_name": "small.png", "height": 256, "width": 256}],
+           "annotations": [], "categories": [{"id": c, "name": str(c)} for c in (1, 2, 3, 4)]}
+    (tmp_path / "gt.json").write_text(json.dumps(doc))
+    gt = load_gt(tmp_path / "gt.json")
+    cfg = TilingConfig(mode="on", overlap=0.0)
+    got = predict_dataset(adapter, gt, tmp_path / "images", tiling=cfg, tile=256)
+    want = instances_to_results(1, tiled_predict(adapter, big, 256, cfg, 4)) + instances_to_results(2, adapter.predict([ims[0]])[0])
+    key = lambda r: (r["image_id"], r["segmentation"]["counts"], round(r["score"], 4))  # noqa: E731
+    assert sorted(map(key, got)) == sorted(map(key, want))
+    whole = predict_dataset(adapter, gt, tmp_path / "images")
+    assert sorted(map(key, whole)) != sorted(map(key, got))  # untiled, the mosaic gives other predictions

@@ -31,3 +31,17 @@ def test_lr_schedule_warmup_then_cosine():
     assert lr_at(55, cfg) == pytest.approx(0.01 + 0.99 * 0.5)
     assert lr_at(100, cfg) == pytest.approx(0.01)
     assert all(lr_at(i, cfg) >= lr_at(i + 1, cfg) for i in range(10, 100))
+
+
+def test_train_device_resolves_auto_and_refuses_a_missing_gpu():
+    import torch
+
+    from segpipe.train.loop import train_device
+
+    assert train_device(TrainConfig(device="cpu")).type == "cpu"
+    assert train_device(TrainConfig()).type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no GPU"):
+            train_device(TrainConfig(device="cuda"))
+    with pytest.raises(ValueError, match="device"):
+        TrainConfig(device="tpu")

@@ -20,6 +20,13 @@ minus the pixels earlier steps took; it is dropped below ``min_pixels`` or when 
 of it was taken already (a repeat). Score = (1 - stop probability) x mean mask probability over
 the instance (x class probability); instances never overlap.
 
+Variants (``RSISParams``; the zoo's rsis cards use ``point``): the paper's matched decoder
+above; ``pointer`` / ``guided`` (a coarse spatial softmax picks the object); and ``point``
+(segpipe.modeling.rsis_point): each step takes the peak of a centre heat map read from its
+hidden state and the canvas, and a point-conditioned mask head segments the object there.
+Training feeds the remaining object the heat map rates highest, so matching is the step's own
+choice instead of the Hungarian search (which the paper variant keeps).
+
 Differences from the paper, for CPU budgets: a small BN encoder instead of ResNet-101; the
 canvas input (from Ren and Zemel's recurrent attention, CVPR 2017), which tells each step what
 has been covered without relying on the LSTM memory alone; and (``foreground``) a foreground head
@@ -42,9 +49,10 @@ from torch import nn
 from segpipe.config import ModelCard, RSISParams
 from segpipe.modeling.batching import pad_batch
 from segpipe.modeling.embed_cluster import Cluster, window
-from segpipe.modeling.embednet import ClusterAdapter, encoder, pad_masks
+from segpipe.modeling.embednet import ClusterAdapter, conv_bn_relu, encoder, pad_masks
 from segpipe.modeling.instance_classifier import make_classifier
 from segpipe.modeling.registry import register
+from segpipe.modeling import rsis_point as pt
 
 
 # --- pure pieces: matching, losses, the stop rule ---------------------------------------------
@@ -219,13 +227,28 @@ class RSISNet(nn.Module):
                         if params.foreground else None)
         self.classifier = make_classifier(params, num_classes)
         self.class_head = nn.Linear(pooled, num_classes) if self.classifier is None and num_classes > 1 else None
-        self.stop_head = nn.Linear(pooled + (2 if params.foreground else 0), 1)
+        self.point_heads, self.up = None, None
+        if params.point:
+            # A U-Net decoder (as in embednet) back to stride 2; the heat map reads its level at
+            # point_stride, the mask head its stride-2 output.
+            self.up = nn.ModuleList(nn.Sequential(conv_bn_relu(c_in + c_skip, c_skip), conv_bn_relu(c_skip, c_skip))
+                                    for c_skip, c_in in zip(reversed(ch[:-1]), reversed(ch[1:])))
+            heat_ch = ch[params.point_stride.bit_length() - 2]
+            self.point_heads = pt.PointHeads(heat_ch, ch[0], params.lstm_channels[-1], canvas, params.point_width,
+                                             params.point_scale)
+        self.stop_head = nn.Linear(pooled + (2 if params.foreground else 0) + (1 if params.point else 0), 1)
         self.multiple = max(16, 2 ** len(ch))
 
     def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
         """Normalised padded images [B, 3, Hp, Wp] -> (projected encoder outputs for the LSTM
         levels, coarse to fine; the stride-2 features [B, channels[0], Hp/2, Wp/2]; foreground
         logits [B, 1, Hp/2, Wp/2] or None without ``foreground``)."""
+        skips, outs, fg = self._encode(x)
+        return skips, outs[0], fg
+
+    def _encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor | None]:
+        """As ``encode``, but with every encoder level's output (strides 2, 4, ...; the last after
+        the context block) instead of the first alone."""
         outs = []
         y = x
         for stage in self.down:
@@ -238,7 +261,19 @@ class RSISNet(nn.Module):
             size = outs[0].shape[-2:]
             ups = [F.interpolate(sk, size=size, mode="bilinear", align_corners=False) for sk in skips]
             fg = self.fg_head(torch.cat([outs[0], *ups], 1))
-        return skips, outs[0], fg
+        return skips, outs, fg
+
+    def encode_point(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """The point variant's encoding: (the LSTM levels' projected skips, coarse to fine; the
+        U-Net decoder's stride-2 features [B, channels[0], Hp/2, Wp/2]; its features at
+        ``point_stride`` [B, C, Hp/s, Wp/s]; foreground logits at stride 2 or None)."""
+        skips, outs, fg = self._encode(x)
+        y, dec = outs[-1], {}
+        for block, skip in zip(self.up, reversed(outs[:-1])):
+            y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
+            y = block(torch.cat([y, skip], 1))
+            dec[x.shape[-1] // y.shape[-1]] = y
+        return skips, dec[2], dec[self.params.point_stride], fg
 
     def step(self, skips: list[torch.Tensor], fine: torch.Tensor, canvas: torch.Tensor | None, states: list | None,
              fg: torch.Tensor | None = None, guide=None):
@@ -263,11 +298,7 @@ class RSISNet(nn.Module):
         side = torch.cat(maps, 1) if maps else None
         y, ptr_logits, ptr_map = None, None, None
         for i, (cell, skip) in enumerate(zip(self.cells, skips)):
-            parts = [skip]
-            if y is not None:
-                parts.append(F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False))
-            if side is not None:
-                parts.append(F.adaptive_avg_pool2d(side, skip.shape[-2:]))
+            parts = self._level_inputs(skip, y, side)
             if ptr_map is not None:
                 parts.append(F.interpolate(ptr_map, size=skip.shape[-2:], mode="bilinear", align_corners=False))
             h, c = cell(torch.cat(parts, 1), states[i])
@@ -293,6 +324,17 @@ class RSISNet(nn.Module):
             feat = torch.cat([feat, left.amax(dim=(1, 2, 3))[:, None], left.mean(dim=(1, 2, 3))[:, None]], 1)
         return logits, cls, self.stop_head(feat)[:, 0], new_states, ptr_logits
 
+    @staticmethod
+    def _level_inputs(skip: torch.Tensor, above: torch.Tensor | None, side: torch.Tensor | None) -> list[torch.Tensor]:
+        """An LSTM level's inputs: its encoder skip, the level above's hidden state resampled to
+        it, and the side maps (canvas, uncovered foreground) pooled to it."""
+        parts = [skip]
+        if above is not None:
+            parts.append(F.interpolate(above, size=skip.shape[-2:], mode="bilinear", align_corners=False))
+        if side is not None:
+            parts.append(F.adaptive_avg_pool2d(side, skip.shape[-2:]))
+        return parts
+
     def _point(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Coarsest hidden state [B, C, h, w] -> (pointer logits [B, h, w], the spatial softmax
         scaled to peak 1, [B, 1, h, w])."""
@@ -316,6 +358,8 @@ class RSISNet(nn.Module):
         p = self.params
         if p.guided:
             return self._guided_losses(x, targets)
+        if p.point:
+            return self._point_losses(x, targets)
         skips, fine, fg = self.encode(x)
         hp, wp = x.shape[-2:]
         n_max = max(int(t["masks"].shape[0]) for t in targets)
@@ -387,20 +431,23 @@ class RSISNet(nn.Module):
                 terms["stop"].append(F.binary_cross_entropy_with_logits(s[b], s.new_tensor(float(j < 0))))
                 if j < 0:
                     continue
-                g = gts[b][j].flatten().float()
-                prob = torch.sigmoid(m[b]).flatten()
-                inter = (prob * g).sum()
-                terms["mask"].append(1.0 - inter / (prob.sum() + g.sum() - inter).clamp(min=1e-6))
-                terms["bce"].append(F.binary_cross_entropy_with_logits(m[b].flatten(), g))
+                self._matched_terms(terms, m[b], None if c is None else c[b], gts[b][j], targets[b]["labels"].to(x.device)[j])
                 terms["pointer"].append(set_pointer_loss(ptr[b], cells[b][torch.as_tensor(left[b], device=x.device)]))
-                if c is not None:
-                    terms["class"].append(F.cross_entropy(c[b][None], targets[b]["labels"].to(x.device)[j][None] - 1))
                 left[b].remove(j)
                 canvas[b, 0] = torch.maximum(canvas[b, 0], gts[b][j].float())
+        return self._step_losses(x, targets, terms, fg, gts, {"pointer": p.w_pointer})
+
+    def _step_losses(self, x: torch.Tensor, targets: Sequence[dict], terms: dict[str, list], fg: torch.Tensor | None,
+                     gts: list[torch.Tensor], extra: dict[str, float]) -> dict[str, torch.Tensor]:
+        """The loss dict of the step-by-step trainings (guided, point) from per-step ``terms``
+        (mask, bce, class, stop and the ``extra`` names with their weights), plus the
+        foreground and instance-classifier losses."""
+        p = self.params
+        hp, wp = x.shape[-2:]
         zero = x.sum() * 0.0
         mean = {k: torch.stack(v).mean() if v else zero for k, v in terms.items()}
-        losses = {"loss_mask": p.w_mask * mean["mask"], "loss_bce": p.w_bce * mean["bce"], "loss_stop": p.w_stop * mean["stop"],
-                  "loss_pointer": p.w_pointer * mean["pointer"]}
+        losses = {"loss_mask": p.w_mask * mean["mask"], "loss_bce": p.w_bce * mean["bce"], "loss_stop": p.w_stop * mean["stop"]}
+        losses |= {f"loss_{k}": w * mean[k] for k, w in extra.items()}
         if fg is not None:
             union = torch.stack([g.any(0) if g.shape[0] else torch.zeros((hp, wp), dtype=torch.bool, device=x.device)
                                  for g in gts]).float()
@@ -412,9 +459,192 @@ class RSISNet(nn.Module):
             losses["loss_class"] = p.w_class * self.classifier.batch_loss(x, targets)
         return losses
 
+    def _matched_terms(self, terms: dict[str, list], m: torch.Tensor, c: torch.Tensor | None, gt: torch.Tensor,
+                       label: torch.Tensor) -> None:
+        """Append one step's mask (1 - soft IoU), pixel BCE and class terms for ``gt`` bool [H, W]."""
+        g = gt.flatten().float()
+        prob = torch.sigmoid(m).flatten()
+        inter = (prob * g).sum()
+        terms["mask"].append(1.0 - inter / (prob.sum() + g.sum() - inter).clamp(min=1e-6))
+        terms["bce"].append(F.binary_cross_entropy_with_logits(m.flatten(), g))
+        if c is not None:
+            terms["class"].append(F.cross_entropy(c[None], label.reshape(1) - 1))
+
+    # --- the point variant (segpipe.modeling.rsis_point) ----------------------------------------
+
+    def _lstm(self, skips: list[torch.Tensor], side: torch.Tensor | None, states: list | None):
+        """The ConvLSTM hierarchy alone -> (finest hidden state, new states, max-pooled hidden
+        states of every level [B, sum(lstm_channels)])."""
+        states = states or [None] * self.levels
+        new_states, pooled, y = [], [], None
+        for i, (cell, skip) in enumerate(zip(self.cells, skips)):
+            h, c = cell(torch.cat(self._level_inputs(skip, y, side), 1), states[i])
+            new_states.append((h, c))
+            pooled.append(h.amax(dim=(2, 3)))
+            y = h
+        return y, new_states, torch.cat(pooled, 1)
+
+    def point_step(self, enc, canvas: torch.Tensor, states: list | None, choose):
+        """One step of the point variant. ``enc`` = ``encode_point``'s output; ``canvas`` [B, 1,
+        Hp, Wp] in [0, 1]; ``choose(heat logits [B, h, w]) -> points float [B, 2]`` (y, x) pixels.
+        -> (mask logits [B, Hp, Wp], class logits [B, C] or None, stop logits [B], new states, heat
+        logits [B, h, w] at ``point_stride``). The stop head reads the pooled hidden states, the
+        uncovered foreground's max and mean, and the heat map's max outside the canvas."""
+        skips, dec2, dech, fg = enc
+        c2 = F.adaptive_avg_pool2d(canvas, dec2.shape[-2:])
+        maps, left = [c2], None
+        if fg is not None:
+            left = torch.sigmoid(fg.detach()) * (1.0 - c2)
+            maps.append(left)
+        side2 = torch.cat(maps, 1)
+        y, states, pooled = self._lstm(skips, side2, states)
+        grid = dech.shape[-2:]
+        side_h = F.adaptive_avg_pool2d(side2, grid)
+        heat = self.point_heads.heat(dech, F.interpolate(y, size=grid, mode="bilinear", align_corners=False), side_h)
+        points = choose(heat)
+        m = self.point_heads.mask(dec2, F.interpolate(y, size=dec2.shape[-2:], mode="bilinear", align_corners=False),
+                                  side2, points, 2)
+        logits = F.interpolate(m[:, None], size=(dec2.shape[-2] * 2, dec2.shape[-1] * 2), mode="bilinear",
+                               align_corners=False)[:, 0]
+        cls = self.class_head(pooled) if self.class_head is not None else None
+        extra = [] if left is None else [left.amax(dim=(1, 2, 3)), left.mean(dim=(1, 2, 3))]
+        extra.append((torch.sigmoid(heat.detach()) * (1.0 - side_h[:, 0])).flatten(1).amax(1))
+        feat = torch.cat([pooled, torch.stack(extra, 1)], 1)
+        return logits, cls, self.stop_head(feat)[:, 0], states, heat
+
+    def _point_losses(self, x: torch.Tensor, targets: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """Point-variant training: each step, per image, the remaining object whose centre the
+        heat map rates highest is fed (a core pixel with ``point_jitter``) and supervises the mask
+        (soft IoU + BCE) and class; the heat map learns the remaining objects' Gaussian peaks
+        (focal loss); the stop target is 1 once none remain; the canvas receives the chosen
+        ground-truth masks. Batched over images: objects are padded to the batch's largest count."""
+        p = self.params
+        enc = self.encode_point(x)
+        b_n, hp, wp = x.shape[0], x.shape[2], x.shape[3]
+        s, grid = p.point_stride, tuple(enc[2].shape[-2:])
+        n_max = max(int(t["masks"].shape[0]) for t in targets)
+        gts = torch.zeros((b_n, max(n_max, 1), hp, wp), dtype=torch.bool, device=x.device)
+        heats = x.new_zeros((b_n, max(n_max, 1), *grid))
+        cells = torch.zeros((b_n, max(n_max, 1)), dtype=torch.int64, device=x.device)
+        fed = x.new_zeros((b_n, max(n_max, 1), 2))
+        labels = torch.ones((b_n, max(n_max, 1)), dtype=torch.int64, device=x.device)
+        left = torch.zeros((b_n, max(n_max, 1)), dtype=torch.bool, device=x.device)
+        rng = np.random.default_rng(int(torch.randint(0, 2 ** 31 - 1, (1,))))
+        for b, t in enumerate(targets):
+            n = int(t["masks"].shape[0])
+            if n == 0:
+                continue
+            g = pad_masks(t["masks"].to(x.device), hp, wp)
+            points, radii, cores = pt.interior_points(g.cpu().numpy())
+            pts_t = torch.from_numpy(points).to(x.device)
+            gts[b, :n] = g
+            heats[b, :n] = pt.heat_targets(pts_t, torch.from_numpy(radii).to(x.device), grid, s)
+            cells[b, :n] = pt.cell_of(pts_t, s, grid)
+            fed[b, :n] = torch.from_numpy(pt.sample_points(points, cores, wp, rng, p.point_jitter)).to(x.device)
+            labels[b, :n] = t["labels"].to(x.device)
+            left[b, :n] = True
+        rows = torch.arange(b_n, device=x.device)
+        canvas = x.new_zeros((b_n, 1, hp, wp))
+        states = None
+        sums = {k: x.new_zeros(()) for k in ("mask", "bce", "class", "stop", "heat")}
+        counts = {"matched": x.new_zeros(()), "steps": 0}
+        for _ in range(min(n_max + 1, p.max_steps, p.train_steps or p.max_steps)):
+            pick: dict[str, torch.Tensor] = {}
+
+            def choose(heat: torch.Tensor) -> torch.Tensor:
+                vals = heat.detach().flatten(1).gather(1, cells).masked_fill(~left, float("-inf"))
+                pick["j"] = vals.argmax(1)
+                pick["has"] = left.any(1)
+                return fed[rows, pick["j"]]
+
+            m, c, st, states, heat = self.point_step(enc, canvas, states, choose)
+            j, has = pick["j"], pick["has"]
+            target = (heats * left[:, :, None, None]).amax(1)
+            sums["heat"] = sums["heat"] + pt.focal_heat_loss_batch(heat, target).sum()
+            sums["stop"] = sums["stop"] + F.binary_cross_entropy_with_logits(st, (~has).float(), reduction="sum")
+            counts["steps"] += b_n
+            w = has.float()
+            g = gts[rows, j].flatten(1).float()  # [B, P]
+            prob = torch.sigmoid(m).flatten(1)
+            inter = (prob * g).sum(1)
+            iou = inter / (prob.sum(1) + g.sum(1) - inter).clamp(min=1e-6)
+            sums["mask"] = sums["mask"] + ((1.0 - iou) * w).sum()
+            sums["bce"] = sums["bce"] + (F.binary_cross_entropy_with_logits(m.flatten(1), g, reduction="none").mean(1) * w).sum()
+            if c is not None:
+                sums["class"] = sums["class"] + (F.cross_entropy(c, labels[rows, j] - 1, reduction="none") * w).sum()
+            counts["matched"] = counts["matched"] + w.sum()
+            canvas = torch.maximum(canvas, (gts[rows, j] & has[:, None, None]).float()[:, None])
+            left = left.clone()
+            left[rows, j] = left[rows, j] & ~has
+        matched = counts["matched"].clamp(min=1.0)
+        terms = {"mask": [sums["mask"] / matched], "bce": [sums["bce"] / matched], "class": [sums["class"] / matched],
+                 "stop": [sums["stop"] / counts["steps"]], "heat": [sums["heat"] / counts["steps"]]}
+        if c is None:
+            terms["class"] = []
+        return self._step_losses(x, targets, terms, enc[3], [gts[b, : int(t["masks"].shape[0])] for b, t in enumerate(targets)],
+                                 {"heat": p.w_heat})
+
+    @torch.no_grad()
+    def _point_infer(self, x: torch.Tensor, sizes: list[tuple[int, int]]) -> list[list[Cluster]]:
+        """Point-variant inference: each step takes the heat map's peak among cells that no step
+        visited (a 3 x 3 cell neighbourhood per step) and that emitted masks do not cover; an
+        image stops at the stop score, when no cell is left, or at ``max_steps``. Score = the
+        peak's heat x the instance's mean mask probability (x class probability). The canvas gets
+        the binary masks, as training's gets the binary ground truth."""
+        p = self.params
+        enc = self.encode_point(x)
+        b_n, hp, wp = x.shape[0], x.shape[2], x.shape[3]
+        s, (gh, gw) = p.point_stride, enc[2].shape[-2:]
+        canvas = x.new_zeros((b_n, 1, hp, wp))
+        taken = torch.zeros((b_n, hp, wp), dtype=torch.bool, device=x.device)
+        visited = torch.ones((b_n, gh, gw), dtype=torch.bool, device=x.device)
+        for b, (h, w) in enumerate(sizes):
+            visited[b, : -(-h // s), : -(-w // s)] = False  # padding is never pointed at
+        active = [True] * b_n
+        out: list[list[Cluster]] = [[] for _ in range(b_n)]
+        picked: dict[str, torch.Tensor] = {}
+
+        def choose(heat: torch.Tensor) -> torch.Tensor:
+            covered = F.adaptive_avg_pool2d(taken[:, None].float(), (gh, gw))[:, 0] > 0.5
+            masked = heat.masked_fill(visited | covered, float("-inf")).flatten(1)
+            cells = masked.argmax(1)
+            picked["cells"] = cells
+            picked["ok"] = torch.isfinite(masked.gather(1, cells[:, None]))[:, 0]
+            picked["peak"] = torch.sigmoid(heat.flatten(1).gather(1, cells[:, None]))[:, 0]
+            return pt.cell_centre(cells, s, gw)
+
+        states = None
+        for _ in range(p.max_steps):
+            m, c, st, states, _ = self.point_step(enc, canvas, states, choose)
+            prob, stop = torch.sigmoid(m), torch.sigmoid(st)
+            binary = prob > p.mask_thresh
+            cls = torch.softmax(c, 1) if c is not None else None
+            for b, (h, w) in enumerate(sizes):
+                if not active[b]:
+                    continue
+                if not bool(picked["ok"][b]) or float(stop[b]) >= p.stop_thresh:
+                    active[b] = False
+                    continue
+                cluster = self._instance(prob[b, :h, :w], taken[b, :h, :w], float(picked["peak"][b]),
+                                         None if cls is None else cls[b])
+                taken[b, :h, :w] |= binary[b, :h, :w]
+                if cluster is not None:
+                    out[b].append(cluster)
+            if not any(active):
+                break
+            hit = torch.zeros((b_n, gh * gw), device=x.device)
+            hit[torch.arange(b_n, device=x.device), picked["cells"]] = 1.0
+            visited |= F.max_pool2d(hit.reshape(b_n, 1, gh, gw), 3, 1, 1)[:, 0] > 0
+            canvas = torch.maximum(canvas, binary[:, None].float())
+        if self.classifier is not None:
+            out = [self.classifier.classify(x[b], clusters) for b, clusters in enumerate(out)]
+        return out
+
     @torch.no_grad()
     def _infer(self, x: torch.Tensor, sizes: list[tuple[int, int]]) -> list[list[Cluster]]:
         p = self.params
+        if p.point:
+            return self._point_infer(x, sizes)
         skips, fine, fg = self.encode(x)
         b_n, hp, wp = x.shape[0], x.shape[2], x.shape[3]
         canvas = x.new_zeros((b_n, 1, hp, wp)) if p.feed_canvas else None
@@ -433,7 +663,8 @@ class RSISNet(nn.Module):
                 if steps_before_stop([float(stop[b])], p.stop_thresh) == 0:
                     active[b] = False
                     continue
-                cluster = self._instance(prob[b, :h, :w], taken[b, :h, :w], float(stop[b]), None if cls is None else cls[b])
+                cluster = self._instance(prob[b, :h, :w], taken[b, :h, :w], 1.0 - float(stop[b]),
+                                         None if cls is None else cls[b])
                 taken[b, :h, :w] |= prob[b, :h, :w] > p.mask_thresh
                 if cluster is not None:
                     out[b].append(cluster)
@@ -445,8 +676,9 @@ class RSISNet(nn.Module):
             out = [self.classifier.classify(x[b], clusters) for b, clusters in enumerate(out)]
         return out
 
-    def _instance(self, prob: torch.Tensor, taken: torch.Tensor, stop: float, cls: torch.Tensor | None) -> Cluster | None:
-        """One step's instance from its mask probabilities [h, w] and the pixels already taken."""
+    def _instance(self, prob: torch.Tensor, taken: torch.Tensor, confidence: float, cls: torch.Tensor | None) -> Cluster | None:
+        """One step's instance from its mask probabilities [h, w] and the pixels already taken;
+        score = ``confidence`` x the mean mask probability over the instance (x class probability)."""
         p = self.params
         full = prob > p.mask_thresh
         new = full & ~taken
@@ -455,7 +687,7 @@ class RSISNet(nn.Module):
             return None
         ys, xs = (v.cpu().numpy() for v in torch.nonzero(new, as_tuple=True))
         x0, y0, x1, y1 = window(ys, xs, *prob.shape)
-        score = (1.0 - stop) * float(prob[new].mean())
+        score = confidence * float(prob[new].mean())
         label = 1
         if cls is not None:
             label = int(cls.argmax()) + 1

@@ -119,6 +119,9 @@ def _shapes(cfg: TrainConfig, log: Log) -> DomainData:
     dirs = []
     for split, n, seed in (("train", cfg.train_n, cfg.train_seed), ("val", cfg.val_n, cfg.val_seed)):
         d = work / f"shapes-{split}-seed{seed}-n{n}"
+        if split == "train" and cfg.sources:  # trains on the sources instead: no training set to generate
+            dirs.append(d)
+            continue
         if not (d / "annotations.json").is_file():
             log(f"generating shapes {split}: n={n} seed={seed} -> {d}")
             write_dataset(SynthSpec(n=n, seed=seed), d)

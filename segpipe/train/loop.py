@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 import yaml
 
-from segpipe.config import MetricsRecord, ModelCard, TrainConfig
+from segpipe.config import MetricsRecord, ModelCard, TilingConfig, TrainConfig
 from segpipe.data.coco import CocoInstances, collate
 from segpipe.evaluation import evaluate, load_gt, predict_dataset
 from segpipe.modeling.zoo import save_weights
@@ -52,6 +52,13 @@ def _recipe(cfg, params, data: DomainData | None = None) -> str:
     return json.dumps(out, sort_keys=True)
 
 
+def train_device(cfg: TrainConfig) -> torch.device:
+    """``cfg.device`` resolved: auto = cuda when a GPU is present, else cpu."""
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda asked for, but torch sees no GPU")
+    return torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu")
+
+
 def train(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Path:
     """Train, validate, write weights + card; resumes from ``work_dir/<name>/ckpt.pt``. Returns the card path."""
     if cfg.method == "scorer":  # learns from a run's fused instances, not from images
@@ -71,6 +78,8 @@ def train(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Pat
     params = method.params.model_validate(cfg.params)
     cat_ids = [c["id"] for c in data.categories]
     net = method.build(params=params, num_classes=len(cat_ids))
+    device = train_device(cfg)
+    net.to(device)
     priors = None
     if cfg.priors:
         from segpipe.refine.priors import load_priors
@@ -85,7 +94,7 @@ def train(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Pat
     it, elapsed = 0, 0.0
     recipe = _recipe(cfg, params, data)
     if ckpt.is_file():
-        state = torch.load(ckpt, weights_only=True)
+        state = torch.load(ckpt, weights_only=True, map_location=device)
         if "recipe" in state and state["recipe"] != recipe:
             now, then = json.loads(recipe), json.loads(state["recipe"])
             diff = sorted(k for k in set(now) | set(then) if now.get(k) != then.get(k))
@@ -125,6 +134,9 @@ def train(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Pat
                 break
             for g in opt.param_groups:
                 g["lr"] = lr_at(it, cfg)
+            if device.type != "cpu":
+                images = [im.to(device, non_blocking=True) for im in images]
+                targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()} for t in targets]
             losses = net(list(images), list(targets))
             loss = sum(losses.values())
             opt.zero_grad(set_to_none=True)
@@ -187,7 +199,7 @@ def write_entry(cfg: TrainConfig, net: torch.nn.Module, out: Path, data: DomainD
             "iterations": cfg.iterations,
             "batch_size": cfg.batch_size,
             "wall_time_s": round(wall, 1),
-            "hardware": f"{platform.machine()} CPU x{torch.get_num_threads()} threads, torch {torch.__version__}, python {sys.version.split()[0]}",
+            "hardware": _hardware(cfg),
             "log": "train.log" if (out / "train.log").is_file() else None,
             "config": cfg.model_dump(mode="json", exclude={"work_dir", "out"}),
         },
@@ -197,19 +209,33 @@ def write_entry(cfg: TrainConfig, net: torch.nn.Module, out: Path, data: DomainD
     (out / "card.yaml").write_text(yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False))
     from segpipe.modeling.zoo import load_adapter
 
-    adapter, _ = load_adapter(str(out / "card.yaml"))
+    adapter, _ = load_adapter(str(out / "card.yaml"), device=str(train_device(cfg)))
     gt = load_gt(data.val_ann)
     t = time.time()
     if cfg.method == "pointrend":
         card.metrics = _refiner_metrics(cfg, adapter, gt, data, log)
     else:
-        stats = evaluate(gt, predict_dataset(adapter, gt, data.val_images), max_dets=data.max_dets)
+        tiling, command = None, data.eval_command
+        if cfg.val_tiling != "off":
+            from segpipe.modeling.tiled import default_tile
+
+            tiling = TilingConfig(mode=cfg.val_tiling)
+            command += f" --tiling {cfg.val_tiling}"
+        stats = evaluate(gt, predict_dataset(adapter, gt, data.val_images, tiling=tiling,
+                                             tile=default_tile(card) if tiling else None), max_dets=data.max_dets)
         log(f"validation ({time.time() - t:.0f}s): AP={stats['AP']:.3f} AP50={stats['AP50']:.3f} AP75={stats['AP75']:.3f}")
-        card.metrics = [MetricsRecord(split=data.val_split, command=data.eval_command, values=_values(stats, data.max_dets))]
+        card.metrics = [MetricsRecord(split=data.val_split, command=command, values=_values(stats, data.max_dets))]
     card = ModelCard.model_validate(card.model_dump())
     (out / "card.yaml").write_text(yaml.safe_dump(card.model_dump(mode="json"), sort_keys=False))
     log(f"wrote {out / 'card.yaml'} ({card.version()})")
     return out / "card.yaml"
+
+
+def _hardware(cfg: TrainConfig) -> str:
+    dev = train_device(cfg)
+    gpu = f"{torch.cuda.get_device_name(dev)} GPU + " if dev.type == "cuda" else ""
+    return (f"{gpu}{platform.machine()} CPU x{torch.get_num_threads()} threads, torch {torch.__version__}, "
+            f"python {sys.version.split()[0]}")
 
 
 def _values(stats: dict, max_dets: int) -> dict:
