@@ -15,7 +15,7 @@ import pytest
 
 from segpipe.sinks.writer import read_committed, read_manifest
 
-from conftest import REPO, _free_port, assert_sound, committed_shards, node_ports, wait_for_commits
+from conftest import REPO, _free_port, assert_sound, committed_shards, node_ports, stop_node, wait_for_commits
 
 pytestmark = pytest.mark.slow
 
@@ -173,11 +173,7 @@ def two_nodes(tmp_path):
     finally:
         for node in (worker, head):
             if node is not None and node.poll() is None:
-                os.killpg(node.pid, signal.SIGTERM)
-                try:
-                    node.wait(timeout=60)
-                except subprocess.TimeoutExpired:
-                    os.killpg(node.pid, signal.SIGKILL)
+                stop_node(node)
 
 
 def test_worker_node_stopped_mid_run_completes_on_the_head(reference, tiny_card, images, tmp_path, two_nodes):

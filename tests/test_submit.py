@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ import yaml
 
 from segpipe.config import load_workflow
 
-from conftest import REPO, _free_port, node_ports
+from conftest import REPO, _free_port, node_ports, stop_node
 
 CLI = [sys.executable, str(REPO / "cli.py")]
 
@@ -81,11 +80,7 @@ def head():
                 time.sleep(1)
         yield url
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_node(proc)
 
 
 def _cli(*args, timeout=900):
