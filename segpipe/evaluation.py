@@ -207,7 +207,8 @@ def predict_dataset(adapter, gt: COCO, image_dir: str | Path, *, batch_size: int
     With a ``refiner`` (``segpipe.refine.refiner.Refiner``) its refined instances are returned
     and the adapter's own results appended to ``unrefined`` when given. ``progress``: a
     callable that gets a count, rate and ETA line every 10 s. ``tiling`` (a ``TilingConfig``)
-    runs the images it selects tile by tile at ``tile`` pixels (``segpipe.modeling.tiled``)."""
+    runs the images it selects tile by tile at ``tile`` pixels (``segpipe.modeling.tiled``),
+    4 x ``batch_size`` tiles per forward pass."""
     from segpipe.modeling.tiled import needs_tiling, tiled_predict
     from segpipe.pipeline.progress import Ticker
     from PIL import Image

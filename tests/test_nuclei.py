@@ -133,3 +133,6 @@ def test_models_eval_reads_uris(tmp_path):
     stats = json.loads(r.stdout)  # progress lines go to stderr
     assert stats["n_images"] == 7 and stats["max_dets"] == 1000 and 0 <= stats["AP"] <= 1
     assert np.isfinite(stats["AP"])
+    for bad, field in ((["--tiling", "sideways"], "--tiling"), (["--tiling", "on", "--tile", "8"], "--tile")):
+        r = CliRunner().invoke(app, ["models", "eval", str(card), "--gt", str(SAMPLE / "annotations.json"), *bad])
+        assert r.exit_code == 2 and field in r.output, r.output
