@@ -872,8 +872,9 @@ def models_eval(
         rows = [(base_card.version(), before), (f"{base_card.version()} + {card.version()}", after)]
         typer.echo(json.dumps([{"result": n, **st} for n, st in rows]) if as_json else compare_table(rows))
         return
+    tiling_cfg = None if tiling_cfg.mode == "off" else tiling_cfg.model_copy(update={"tile": tile or default_tile(card)})
     preds = predict_dataset(adapter, g, image_dir, progress=lambda m: typer.echo(m, err=True),  # stdout stays JSON
-                            tiling=None if tiling_cfg.mode == "off" else tiling_cfg, tile=tile or default_tile(card))
+                            tiling=tiling_cfg)
     stats = evaluate(g, preds, max_dets=max_dets, boundary=boundary)
     stats["model"] = card.version()
     typer.echo(json.dumps(stats) if as_json else f"{card.version()}\n" + format_table(stats))

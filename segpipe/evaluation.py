@@ -202,12 +202,12 @@ def format_table(stats: dict) -> str:
 
 
 def predict_dataset(adapter, gt: COCO, image_dir: str | Path, *, batch_size: int = 4, refiner=None,
-                    unrefined: list[dict] | None = None, progress=None, tiling=None, tile: int | None = None) -> list[dict]:
+                    unrefined: list[dict] | None = None, progress=None, tiling=None) -> list[dict]:
     """Run an adapter in-process over every gt image (``image_dir`` a path or URI); no Ray.
     With a ``refiner`` (``segpipe.refine.refiner.Refiner``) its refined instances are returned
     and the adapter's own results appended to ``unrefined`` when given. ``progress``: a
-    callable that gets a count, rate and ETA line every 10 s. ``tiling`` (a ``TilingConfig``)
-    runs the images it selects tile by tile at ``tile`` pixels (``segpipe.modeling.tiled``),
+    callable that gets a count, rate and ETA line every 10 s. ``tiling`` (a ``TilingConfig``
+    with its ``tile`` set) runs the images it selects tile by tile (``segpipe.modeling.tiled``),
     4 x ``batch_size`` tiles per forward pass."""
     from segpipe.modeling.tiled import needs_tiling, tiled_predict
     from segpipe.pipeline.progress import Ticker
@@ -227,9 +227,10 @@ def predict_dataset(adapter, gt: COCO, image_dir: str | Path, *, batch_size: int
     for s in range(0, len(infos), batch_size):
         chunk = infos[s : s + batch_size]
         imgs = [read(im["file_name"]) for im in chunk]
-        tiled = [tiling is not None and needs_tiling(img.shape[0], img.shape[1], tile, tiling) for img in imgs]
+        tiled = [tiling is not None and needs_tiling(img.shape[0], img.shape[1], tiling.tile, tiling) for img in imgs]
         whole = iter(adapter.predict([img for img, t in zip(imgs, tiled) if not t]) if not all(tiled) else [])
-        preds = [tiled_predict(adapter, img, tile, tiling, 4 * batch_size) if t else next(whole) for img, t in zip(imgs, tiled)]
+        preds = [tiled_predict(adapter, img, tiling.tile, tiling, 4 * batch_size) if t else next(whole)
+                 for img, t in zip(imgs, tiled)]
         for im, img, inst in zip(chunk, imgs, preds):
             if refiner is not None:
                 if unrefined is not None:

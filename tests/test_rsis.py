@@ -444,15 +444,15 @@ def test_point_inference_never_revisits_a_cell_and_stops_when_none_is_left():
     assert len(seen) <= grid and len(seen) < 200  # it ran out of cells long before the bound
 
 
-def test_batched_focal_heat_loss_matches_the_per_image_one():
-    from segpipe.modeling.rsis_point import focal_heat_loss, focal_heat_loss_batch
+def test_focal_heat_loss_of_a_batch_is_each_image_s_own():
+    from segpipe.modeling.rsis_point import focal_heat_loss
 
     torch.manual_seed(0)
     logits = torch.randn(3, 5, 7)
     target = torch.rand(3, 5, 7) * 0.9
     target[0, 1, 2] = target[0, 3, 3] = 1.0
     target[1, 4, 6] = 1.0  # image 2 has no peak
-    batch = focal_heat_loss_batch(logits, target)
+    batch = focal_heat_loss(logits, target)
     for b in range(3):
         assert float(batch[b]) == pytest.approx(float(focal_heat_loss(logits[b], target[b])), rel=1e-5)
 

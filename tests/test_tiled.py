@@ -154,8 +154,8 @@ def test_models_eval_tiles_the_images_it_is_asked_to(mosaic, maskrcnn, tmp_path)
            "annotations": [], "categories": [{"id": c, "name": str(c)} for c in (1, 2, 3, 4)]}
     (tmp_path / "gt.json").write_text(json.dumps(doc))
     gt = load_gt(tmp_path / "gt.json")
-    cfg = TilingConfig(mode="on", overlap=0.0)
-    got = predict_dataset(adapter, gt, tmp_path / "images", tiling=cfg, tile=256)
+    cfg = TilingConfig(mode="on", overlap=0.0, tile=256)
+    got = predict_dataset(adapter, gt, tmp_path / "images", tiling=cfg)
     want = instances_to_results(1, tiled_predict(adapter, big, 256, cfg, 4)) + instances_to_results(2, adapter.predict([ims[0]])[0])
     key = lambda r: (r["image_id"], r["segmentation"]["counts"], round(r["score"], 4))  # noqa: E731
     assert sorted(map(key, got)) == sorted(map(key, want))

@@ -143,21 +143,13 @@ def rsis_loss(mask_logits: torch.Tensor, class_logits: torch.Tensor | None, stop
 
 def interior_cells(masks: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """bool [N, H, W] -> int64 [N]: the flat index, on an h x w ``grid`` over the image, of each
-    instance's most interior pixel (the maximum of its distance transform; a ring's lies on the
-    ring, not in its hole). Empty instances get cell 0."""
-    from scipy.ndimage import distance_transform_edt
-
+    instance's most interior pixel (``rsis_point.interior_points``; a ring's lies on the ring, not
+    in its hole). Empty instances get cell 0."""
     n, hh, ww = masks.shape
     gh, gw = grid
-    out = torch.zeros(n, dtype=torch.int64)
-    arr = masks.cpu().numpy()
-    for j in range(n):
-        if not arr[j].any():
-            continue
-        dist = distance_transform_edt(np.pad(arr[j], 1))[1:-1, 1:-1]
-        y, x = np.unravel_index(int(dist.argmax()), dist.shape)
-        out[j] = min(y * gh // hh, gh - 1) * gw + min(x * gw // ww, gw - 1)
-    return out
+    points, _, _ = pt.interior_points(masks.cpu().numpy())
+    ys, xs = points[:, 0].astype(np.int64), points[:, 1].astype(np.int64)
+    return torch.from_numpy(np.minimum(ys * gh // hh, gh - 1) * gw + np.minimum(xs * gw // ww, gw - 1)).reshape(n)
 
 
 def set_pointer_loss(pointer_logits: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
@@ -435,17 +427,17 @@ class RSISNet(nn.Module):
                 terms["pointer"].append(set_pointer_loss(ptr[b], cells[b][torch.as_tensor(left[b], device=x.device)]))
                 left[b].remove(j)
                 canvas[b, 0] = torch.maximum(canvas[b, 0], gts[b][j].float())
-        return self._step_losses(x, targets, terms, fg, gts, {"pointer": p.w_pointer})
+        zero = x.sum() * 0.0
+        mean = {k: torch.stack(v).mean() if v else zero for k, v in terms.items()}
+        return self._step_losses(x, targets, mean, fg, gts, {"pointer": p.w_pointer})
 
-    def _step_losses(self, x: torch.Tensor, targets: Sequence[dict], terms: dict[str, list], fg: torch.Tensor | None,
+    def _step_losses(self, x: torch.Tensor, targets: Sequence[dict], mean: dict[str, torch.Tensor], fg: torch.Tensor | None,
                      gts: list[torch.Tensor], extra: dict[str, float]) -> dict[str, torch.Tensor]:
-        """The loss dict of the step-by-step trainings (guided, point) from per-step ``terms``
-        (mask, bce, class, stop and the ``extra`` names with their weights), plus the
+        """The loss dict of the step-by-step trainings (guided, point) from the mean per-step
+        terms (mask, bce, class, stop and the ``extra`` names with their weights), plus the
         foreground and instance-classifier losses."""
         p = self.params
         hp, wp = x.shape[-2:]
-        zero = x.sum() * 0.0
-        mean = {k: torch.stack(v).mean() if v else zero for k, v in terms.items()}
         losses = {"loss_mask": p.w_mask * mean["mask"], "loss_bce": p.w_bce * mean["bce"], "loss_stop": p.w_stop * mean["stop"]}
         losses |= {f"loss_{k}": w * mean[k] for k, w in extra.items()}
         if fg is not None:
@@ -560,7 +552,7 @@ class RSISNet(nn.Module):
             m, c, st, states, heat = self.point_step(enc, canvas, states, choose)
             j, has = pick["j"], pick["has"]
             target = (heats * left[:, :, None, None]).amax(1)
-            sums["heat"] = sums["heat"] + pt.focal_heat_loss_batch(heat, target).sum()
+            sums["heat"] = sums["heat"] + pt.focal_heat_loss(heat, target).sum()
             sums["stop"] = sums["stop"] + F.binary_cross_entropy_with_logits(st, (~has).float(), reduction="sum")
             counts["steps"] += b_n
             w = has.float()
@@ -574,14 +566,10 @@ class RSISNet(nn.Module):
                 sums["class"] = sums["class"] + (F.cross_entropy(c, labels[rows, j] - 1, reduction="none") * w).sum()
             counts["matched"] = counts["matched"] + w.sum()
             canvas = torch.maximum(canvas, (gts[rows, j] & has[:, None, None]).float()[:, None])
-            left = left.clone()
-            left[rows, j] = left[rows, j] & ~has
+            left[rows, j] &= ~has
         matched = counts["matched"].clamp(min=1.0)
-        terms = {"mask": [sums["mask"] / matched], "bce": [sums["bce"] / matched], "class": [sums["class"] / matched],
-                 "stop": [sums["stop"] / counts["steps"]], "heat": [sums["heat"] / counts["steps"]]}
-        if c is None:
-            terms["class"] = []
-        return self._step_losses(x, targets, terms, enc[3], [gts[b, : int(t["masks"].shape[0])] for b, t in enumerate(targets)],
+        mean = {k: sums[k] / matched for k in ("mask", "bce", "class")} | {k: sums[k] / counts["steps"] for k in ("stop", "heat")}
+        return self._step_losses(x, targets, mean, enc[3], [gts[b, : int(t["masks"].shape[0])] for b, t in enumerate(targets)],
                                  {"heat": p.w_heat})
 
     @torch.no_grad()

@@ -88,21 +88,13 @@ def heat_targets(points: torch.Tensor, radii: torch.Tensor, grid: tuple[int, int
 
 
 def focal_heat_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 2.0, beta: float = 4.0) -> torch.Tensor:
-    """CenterNet's penalty-reduced focal loss of heat ``logits`` against ``target`` (same shape,
-    1 at peaks), summed and divided by the number of peaks (at least 1)."""
-    p = torch.sigmoid(logits).clamp(1e-4, 1 - 1e-4)
-    pos = target >= 1.0
-    pos_term = ((1 - p) ** alpha * torch.log(p))[pos].sum()
-    neg_term = ((1 - target) ** beta * p ** alpha * torch.log(1 - p))[~pos].sum()
-    return -(pos_term + neg_term) / pos.sum().clamp(min=1).to(logits.dtype)
-
-
-def focal_heat_loss_batch(logits: torch.Tensor, target: torch.Tensor, alpha: float = 2.0, beta: float = 4.0) -> torch.Tensor:
-    """``focal_heat_loss`` of each image of a batch: ``logits``, ``target`` [B, h, w] -> [B]."""
+    """CenterNet's penalty-reduced focal loss of heat ``logits`` against ``target`` ([..., h, w],
+    1 at peaks), per map: summed over h, w and divided by the map's number of peaks (at least
+    1). [h, w] -> scalar, [B, h, w] -> [B]."""
     p = torch.sigmoid(logits).clamp(1e-4, 1 - 1e-4)
     pos = (target >= 1.0).to(logits.dtype)
     terms = pos * (1 - p) ** alpha * torch.log(p) + (1 - pos) * (1 - target) ** beta * p ** alpha * torch.log(1 - p)
-    return -terms.flatten(1).sum(1) / pos.flatten(1).sum(1).clamp(min=1)
+    return -terms.flatten(-2).sum(-1) / pos.flatten(-2).sum(-1).clamp(min=1)
 
 
 def relative_coords(points: torch.Tensor, size: tuple[int, int], stride: int, scale: float) -> torch.Tensor:

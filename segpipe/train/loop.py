@@ -219,10 +219,9 @@ def write_entry(cfg: TrainConfig, net: torch.nn.Module, out: Path, data: DomainD
         if cfg.val_tiling != "off":
             from segpipe.modeling.tiled import default_tile
 
-            tiling = TilingConfig(mode=cfg.val_tiling)
+            tiling = TilingConfig(mode=cfg.val_tiling, tile=default_tile(card))
             command += f" --tiling {cfg.val_tiling}"
-        stats = evaluate(gt, predict_dataset(adapter, gt, data.val_images, tiling=tiling,
-                                             tile=default_tile(card) if tiling else None), max_dets=data.max_dets)
+        stats = evaluate(gt, predict_dataset(adapter, gt, data.val_images, tiling=tiling), max_dets=data.max_dets)
         log(f"validation ({time.time() - t:.0f}s): AP={stats['AP']:.3f} AP50={stats['AP50']:.3f} AP75={stats['AP75']:.3f}")
         card.metrics = [MetricsRecord(split=data.val_split, command=command, values=_values(stats, data.max_dets))]
     card = ModelCard.model_validate(card.model_dump())
