@@ -124,6 +124,8 @@ def train_cmd(
                                                    "(the card's metrics: the ensemble's AP with and without the scorer)")] = None,
     refine_base: Annotated[Optional[str], typer.Option(help="pointrend: the zoo model whose val predictions score the "
                                                        "refiner's card (default maskrcnn-<domain>)")] = None,
+    init: Annotated[Optional[str], typer.Option(help="fine-tune: a zoo name or card path of the same method whose "
+                                                "matching weights start the training (the card records it)")] = None,
     param: Annotated[Optional[list[str]], typer.Option("--param", help="architecture override KEY=VALUE (YAML value) on "
                                                        "top of the recipe's params, e.g. --param channels=[8,16,32]; "
                                                        "repeatable")] = None,
@@ -147,13 +149,19 @@ def train_cmd(
             method=method, domain=domain, data=roots[0] if roots else None, sources=sources, iterations=iterations, batch_size=batch_size, lr=lr, crop=crop,
             seed=seed, train_n=train_n, train_seed=train_seed, val_n=val_n, val_seed=val_seed, name=name, out=out,
             work_dir=work_dir, threads=threads, device=device, params=params, priors=priors, prior_iou=prior_iou, refine_base=refine_base,
-            val_run=val_run,
+            val_run=val_run, init=init,
         )
         from segpipe.train.methods import METHODS
 
         METHODS[cfg.method].params.model_validate(cfg.params)  # a bad --param fails here, before any work
+        if cfg.init:
+            from segpipe.train.warm import init_card
+
+            init_card(cfg.init, METHODS[cfg.method].builder)
     except (ValidationError, ValueError) as e:
         _fail(_config_error(e))
+    except FileNotFoundError as e:
+        _fail(f"init: {e}")
     from segpipe.ensemble.replay import ReplayError
     from segpipe.train.domains import DataSourceError
     from segpipe.train.loop import CheckpointMismatchError

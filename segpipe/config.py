@@ -349,6 +349,8 @@ class TrainingRecord(Strict):
     hardware: str
     log: str | None = None
     config: dict[str, Any] | None = Field(None, description="the resolved TrainConfig (recipe defaults included)")
+    init: dict[str, Any] | None = Field(None, description="the card whose weights started the training: its version, "
+                                        "weights sha256, how many tensors loaded and which started fresh")
 
 
 class MetricsRecord(Strict):
@@ -545,6 +547,11 @@ class RSISParams(EmbedNetParams):
     point_scale: float = Field(32.0, gt=0, description="point: pixels per unit of the mask head's relative coordinates")
     point_jitter: bool = Field(True, description="point: training feeds a random core pixel of the chosen object (its "
                                "distance to the background at least half the maximum) instead of the most interior one")
+    point_head: Literal["flat", "pyramid"] = Field("flat", description="point: the mask head. flat: two 3x3 convolutions "
+                                                   "at stride 2 over the decoder's stride-2 features, the finest hidden "
+                                                   "state and the point's coordinates; pyramid: starts at the finest LSTM "
+                                                   "level's stride (wide context, cheap) and is upsampled level by level "
+                                                   "to stride 2, each level reading the decoder's features there")
     w_heat: float = Field(1.0, ge=0, description="point: heat-map focal loss weight")
     train_steps: int | None = Field(None, ge=1, description="point: training runs at most this many steps per batch (the "
                                     "objects the heat map picks first); the heat map still learns every object left. "
@@ -810,6 +817,9 @@ class TrainConfig(Strict):
                                 "card's metrics compare the ensemble's AP with and without the scorer on it")
     prior_iou: float = Field(0.5, gt=0, le=1, description="pointrend with priors: the mask IoU a fused prediction needs "
                              "with a ground-truth instance to become its prior")
+    init: str | None = Field(None, description="a zoo name or card path of the same method whose weights start the "
+                             "training (fine-tuning): tensors whose name and shape match load, the rest start fresh "
+                             "(a changed head, say); the card records which")
     val_tiling: Literal["off", "auto", "on"] = Field("off", description="the card's validation runs images larger than "
                                                    "the training crop tile by tile at that crop (auto / on, as "
                                                    "tiling.mode); for methods whose instance count per pass is bounded")

@@ -240,6 +240,14 @@ def test_train_rejects_a_bad_param_before_any_work(tmp_path, param, why):
     assert not (tmp_path / "work").exists()
 
 
+@pytest.mark.parametrize("init, why", [("rsis-shapes", "init: rsis-shapes is a rsis model; training maskrcnn cannot"),
+                                       ("no-such-model", "init: no zoo model 'no-such-model'")])
+def test_train_rejects_a_bad_init_before_any_work(tmp_path, init, why):
+    r = runner.invoke(app, ["train", "maskrcnn", "--init", init, "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "m")])
+    assert r.exit_code == 2 and why in r.output
+    assert not (tmp_path / "work").exists()
+
+
 def test_train_rejects_val_seed_equal_train_seed(tmp_path):
     r = runner.invoke(app, ["train", "maskrcnn", "--train-seed", "3", "--val-seed", "3", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "val_seed" in r.output

@@ -14,6 +14,7 @@ from segpipe.modeling.zoo import load_adapter, save_weights
 from conftest import TINY_RSIS_PARAMS as TINY, assert_training_reduces_loss, check_loss_backward, check_nonoverlapping_output
 INST = {"classify": "instances", "class_crop": 8, "class_channels": [4]}
 POINT = {"point": True, "point_width": 6}
+PYRAMID = POINT | {"point_head": "pyramid"}
 
 
 # --- matching and the set loss -------------------------------------------------------------
@@ -217,13 +218,19 @@ def _targets():
                                          ({"pointer": True, "guided": True},
                                           {"loss_mask", "loss_bce", "loss_fg", "loss_pointer", "loss_stop", "loss_step_class"}),
                                          (POINT, {"loss_mask", "loss_bce", "loss_fg", "loss_heat", "loss_stop", "loss_step_class"}),
-                                         (POINT | INST, {"loss_mask", "loss_bce", "loss_fg", "loss_heat", "loss_stop", "loss_class"})])
+                                         (POINT | INST, {"loss_mask", "loss_bce", "loss_fg", "loss_heat", "loss_stop", "loss_class"}),
+                                         (PYRAMID, {"loss_mask", "loss_bce", "loss_fg", "loss_heat", "loss_stop", "loss_step_class"})])
 def test_tiny_rsis_forward_backward(extra, keys):
     net = _tiny(extra).train()
     images, targets = _targets()
     assert any(g is not None for g in check_loss_backward(net, images, targets, keys))
     assert net.stop_head.weight.grad.abs().sum() > 0
-    if net.point_heads is not None:
+    if net.pyramid_head is not None:
+        head = net.pyramid_head
+        assert float(net.point_heads.heat_head[-1].weight.grad.abs().sum()) > 0
+        assert all(float(m.weight.grad.abs().sum()) > 0 for m in (head.out, head.film, head.first))
+        assert not hasattr(net.point_heads, "mask_out")  # the flat head is not built
+    elif net.point_heads is not None:
         heads = net.point_heads
         assert all(float(m[-1].weight.grad.abs().sum()) > 0 for m in (heads.heat_head, heads.mask_out))
         assert float(heads.film.weight.grad.abs().sum()) > 0
@@ -292,7 +299,7 @@ def test_params_reject_more_lstm_levels_than_encoder_levels():
         RSISParams(channels=[8, 16], lstm_channels=[16, 8, 4])
 
 
-@pytest.mark.parametrize("extra", [None, INST, POINT])
+@pytest.mark.parametrize("extra", [None, INST, POINT, PYRAMID])
 def test_rsis_adapter_contract(tmp_path, extra):
     from segpipe.train.methods import METHODS
 
@@ -399,6 +406,59 @@ def test_point_training_reduces_the_loss_and_needs_the_canvas():
             RSISParams.model_validate(TINY | POINT | bad)
 
 
+def test_pyramid_head_levels_shapes_and_point_conditioning():
+    net = _tiny(PYRAMID).eval()
+    head = net.pyramid_head
+    assert head.strides == [4, 2]  # TINY: 3 encoder levels, the finest LSTM level at stride 4
+    x = torch.rand(1, 3, 32, 48)
+    enc = net.encode_point(x)
+    decs, side = enc[4], torch.zeros((1, 2, 16, 24))
+    hidden = torch.rand(1, 4, 8, 12)
+    with torch.no_grad():
+        a = head(decs, hidden, side, torch.tensor([[5.0, 5.0]]))
+        b = head(decs, hidden, side, torch.tensor([[25.0, 40.0]]))
+        a2 = head(decs, hidden, side, torch.tensor([[5.0, 5.0]]))
+    assert a.shape == (1, 16, 24)
+    assert torch.equal(a, a2) and not torch.allclose(a, b)  # the mask follows the point
+    flat = sum(p.numel() for n, p in _tiny(POINT).named_parameters() if n.startswith("point_heads."))
+    assert sum(p.numel() for p in net.point_heads.parameters()) < flat  # only the heat head is left there
+
+
+def test_init_loads_matching_tensors_and_names_the_fresh_ones(tmp_path):
+    """A flat-head point card starts a pyramid-head network: everything but the mask head loads."""
+    from safetensors.torch import load_file
+
+    from segpipe.modeling.zoo import WeightsError
+    from segpipe.train.warm import load_init
+
+    src = _tiny(POINT, seed=3)
+    digest = save_weights(src, tmp_path / "weights.safetensors")
+    card = {"name": "tiny-flat", "family": "recurrent", "paper": "rsis (test fixture)", "builder": "rsis",
+            "params": RSISParams.model_validate(TINY | POINT).model_dump(mode="json"),
+            "categories": [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}],
+            "weights": {"file": "weights.safetensors", "sha256": digest, "format": "safetensors", "dtype": "float16"}}
+    (tmp_path / "card.yaml").write_text(yaml.safe_dump(card, sort_keys=False))
+    net = _tiny(PYRAMID, seed=4)
+    fresh_before = {k: v.clone() for k, v in net.state_dict().items() if k.startswith("pyramid_head.")}
+    rec = load_init(net, str(tmp_path / "card.yaml"), "rsis")
+    assert rec["card"].startswith("tiny-flat@") and rec["weights_sha256"] == digest
+    assert rec["fresh"] and all(k.startswith("pyramid_head.") for k in rec["fresh"])
+    assert set(rec["fresh"]) == set(fresh_before)
+    assert rec["unused"] and all(k.startswith("point_heads.mask") or k.startswith("point_heads.film") for k in rec["unused"])
+    saved, own = load_file(str(tmp_path / "weights.safetensors")), net.state_dict()
+    assert rec["loaded"] == len(own) - len(rec["fresh"])
+    for k, v in own.items():
+        if k in fresh_before:
+            assert torch.equal(v, fresh_before[k])
+        else:
+            assert torch.equal(v, saved[k].to(v.dtype))
+    with pytest.raises(ValueError, match="init: .* is a rsis model"):
+        load_init(net, str(tmp_path / "card.yaml"), "maskrcnn")
+    (tmp_path / "weights.safetensors").write_bytes(b"not the weights")
+    with pytest.raises(WeightsError, match="sha256"):
+        load_init(net, str(tmp_path / "card.yaml"), "rsis")
+
+
 def test_point_training_feeds_the_object_the_heat_map_rates_highest():
     """The step's mask head gets the fed point of the remaining object whose peak cell the heat
     map rates highest: raise the heat at one object's cell and that object is fed first."""
@@ -472,7 +532,7 @@ def test_the_zoo_rsis_models_find_the_objects_of_a_real_image():
     """The committed rsis cards load (verified weights) and segment. On a crowded bundled nuclei
     val image (151 nuclei), one pass stops at the step bound (100) and the tiled pass at the
     training crop goes past it (measured: 180 instances, 49 nuclei found at IoU 0.5); on
-    generated shapes, rsis-shapes finds objects within its bound (measured: 15 of 29)."""
+    generated shapes, rsis-shapes finds objects within its bound (measured: 22 of 29)."""
     import json
 
     from PIL import Image
@@ -504,4 +564,4 @@ def test_the_zoo_rsis_models_find_the_objects_of_a_real_image():
         truth = [mask_utils.encode(np.asfortranarray(m.astype(np.uint8))) for m in scene.masks]
         iou = np.asarray(mask_utils.iou(list(out.masks), truth, [0] * len(truth)))
         found, total = found + int((iou.max(0) >= 0.5).sum()), total + len(truth)
-    assert found >= 0.4 * total, (found, total)
+    assert found >= 0.6 * total, (found, total)

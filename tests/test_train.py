@@ -45,3 +45,27 @@ def test_train_device_resolves_auto_and_refuses_a_missing_gpu():
             train_device(TrainConfig(device="cuda"))
     with pytest.raises(ValueError, match="device"):
         TrainConfig(device="tpu")
+
+
+@pytest.mark.timeout(300)
+def test_init_starts_from_a_card_and_the_new_card_records_it(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from segpipe.config import ModelCard
+
+    common = dict(batch_size=4, train_n=10, val_n=2, warmup=0, work_dir=str(tmp_path / "work"), params=TINY_PARAMS, threads=1)
+    base = train(TrainConfig(iterations=3, out=str(tmp_path / "a"), name="tiny", **common), log=lambda m: None)
+    logs: list[str] = []
+    card = train(TrainConfig(iterations=1, lr=1e-12, out=str(tmp_path / "b"), name="tiny-ft", init=str(base), **common),
+                 log=logs.append)
+    a, b = load_file(str(base.parent / "weights.safetensors")), load_file(str(card.parent / "weights.safetensors"))
+    learnt = [k for k in a if "running_" not in k and "num_batches" not in k]
+    assert learnt and all(torch.equal(a[k], b[k]) for k in learnt)  # one step at lr 1e-12: the init's weights
+    rec = ModelCard.from_yaml(card).training
+    assert rec.init["card"] == ModelCard.from_yaml(base).version() and rec.init["fresh"] == [] and rec.init["loaded"] == len(a)
+    assert rec.config["init"] == str(base)
+    assert any(line.startswith(f"init from {rec.init['card']}: {len(a)} tensors loaded, 0 fresh") for line in logs)
+    with pytest.raises(ValueError, match="init: .* is a maskrcnn model"):
+        train(TrainConfig(method="polarmask", iterations=1, out=str(tmp_path / "c"), name="tiny-c", init=str(base),
+                          **{k: v for k, v in common.items() if k != "params"}), log=lambda m: None)

@@ -219,15 +219,21 @@ class RSISNet(nn.Module):
                         if params.foreground else None)
         self.classifier = make_classifier(params, num_classes)
         self.class_head = nn.Linear(pooled, num_classes) if self.classifier is None and num_classes > 1 else None
-        self.point_heads, self.up = None, None
+        self.point_heads, self.up, self.pyramid_head = None, None, None
         if params.point:
             # A U-Net decoder (as in embednet) back to stride 2; the heat map reads its level at
             # point_stride, the mask head its stride-2 output.
             self.up = nn.ModuleList(nn.Sequential(conv_bn_relu(c_in + c_skip, c_skip), conv_bn_relu(c_skip, c_skip))
                                     for c_skip, c_in in zip(reversed(ch[:-1]), reversed(ch[1:])))
             heat_ch = ch[params.point_stride.bit_length() - 2]
+            flat = params.point_head == "flat"
             self.point_heads = pt.PointHeads(heat_ch, ch[0], params.lstm_channels[-1], canvas, params.point_width,
-                                             params.point_scale)
+                                             params.point_scale, flat_mask=flat)
+            if not flat:  # from the finest LSTM level's stride down to 2
+                s0 = 2 ** (len(ch) - self.levels + 1)
+                strides = [s0 >> k for k in range(s0.bit_length() - 1)]
+                self.pyramid_head = pt.PyramidMaskHead({s: ch[s.bit_length() - 2] for s in strides}, params.lstm_channels[-1],
+                                                       canvas, params.point_width, params.point_scale)
         self.stop_head = nn.Linear(pooled + (2 if params.foreground else 0) + (1 if params.point else 0), 1)
         self.multiple = max(16, 2 ** len(ch))
 
@@ -255,17 +261,18 @@ class RSISNet(nn.Module):
             fg = self.fg_head(torch.cat([outs[0], *ups], 1))
         return skips, outs, fg
 
-    def encode_point(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def encode_point(self, x: torch.Tensor):
         """The point variant's encoding: (the LSTM levels' projected skips, coarse to fine; the
         U-Net decoder's stride-2 features [B, channels[0], Hp/2, Wp/2]; its features at
-        ``point_stride`` [B, C, Hp/s, Wp/s]; foreground logits at stride 2 or None)."""
+        ``point_stride`` [B, C, Hp/s, Wp/s]; foreground logits at stride 2 or None; the decoder's
+        features per stride {s: [B, C_s, Hp/s, Wp/s]})."""
         skips, outs, fg = self._encode(x)
         y, dec = outs[-1], {}
         for block, skip in zip(self.up, reversed(outs[:-1])):
             y = F.interpolate(y, size=skip.shape[-2:], mode="bilinear", align_corners=False)
             y = block(torch.cat([y, skip], 1))
             dec[x.shape[-1] // y.shape[-1]] = y
-        return skips, dec[2], dec[self.params.point_stride], fg
+        return skips, dec[2], dec[self.params.point_stride], fg, dec
 
     def step(self, skips: list[torch.Tensor], fine: torch.Tensor, canvas: torch.Tensor | None, states: list | None,
              fg: torch.Tensor | None = None, guide=None):
@@ -482,7 +489,7 @@ class RSISNet(nn.Module):
         -> (mask logits [B, Hp, Wp], class logits [B, C] or None, stop logits [B], new states, heat
         logits [B, h, w] at ``point_stride``). The stop head reads the pooled hidden states, the
         uncovered foreground's max and mean, and the heat map's max outside the canvas."""
-        skips, dec2, dech, fg = enc
+        skips, dec2, dech, fg, decs = enc
         c2 = F.adaptive_avg_pool2d(canvas, dec2.shape[-2:])
         maps, left = [c2], None
         if fg is not None:
@@ -494,8 +501,11 @@ class RSISNet(nn.Module):
         side_h = F.adaptive_avg_pool2d(side2, grid)
         heat = self.point_heads.heat(dech, F.interpolate(y, size=grid, mode="bilinear", align_corners=False), side_h)
         points = choose(heat)
-        m = self.point_heads.mask(dec2, F.interpolate(y, size=dec2.shape[-2:], mode="bilinear", align_corners=False),
-                                  side2, points, 2)
+        if self.pyramid_head is not None:
+            m = self.pyramid_head(decs, y, side2, points)
+        else:
+            m = self.point_heads.mask(dec2, F.interpolate(y, size=dec2.shape[-2:], mode="bilinear", align_corners=False),
+                                      side2, points, 2)
         logits = F.interpolate(m[:, None], size=(dec2.shape[-2] * 2, dec2.shape[-1] * 2), mode="bilinear",
                                align_corners=False)[:, 0]
         cls = self.class_head(pooled) if self.class_head is not None else None

@@ -40,7 +40,7 @@ class CheckpointMismatchError(ValueError):
     """The work dir's checkpoint was trained under another recipe than the one asked for."""
 
 
-def _recipe(cfg, params, data: DomainData | None = None) -> str:
+def _recipe(cfg, params, data: DomainData | None = None, init: dict | None = None) -> str:
     """What fixes a checkpoint's weights (the data, the optimiser, the resolved architecture), as
     JSON: a checkpoint resumes only under the same recipe. The iteration count may grow. Mixed
     sources enter with their files' sha256, so a rewritten pseudo-label set does not resume."""
@@ -49,6 +49,8 @@ def _recipe(cfg, params, data: DomainData | None = None) -> str:
     out = {**cfg.model_dump(mode="json", include=keep), "params": params.model_dump(mode="json")}
     if cfg.sources:  # older checkpoints predate sources
         out["sources"] = data.train_record["train"] if data else cfg.model_dump(mode="json")["sources"]
+    if init:  # older checkpoints predate init
+        out["init"] = init["weights_sha256"]
     return json.dumps(out, sort_keys=True)
 
 
@@ -78,6 +80,13 @@ def train(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Pat
     params = method.params.model_validate(cfg.params)
     cat_ids = [c["id"] for c in data.categories]
     net = method.build(params=params, num_classes=len(cat_ids))
+    init = None
+    if cfg.init:
+        from segpipe.train.warm import load_init
+
+        init = load_init(net, cfg.init, method.builder)
+        log(f"init from {init['card']}: {init['loaded']} tensors loaded, {len(init['fresh'])} fresh"
+            + (f" ({', '.join(init['fresh'][:8])}{', ...' if len(init['fresh']) > 8 else ''})" if init["fresh"] else ""))
     device = train_device(cfg)
     net.to(device)
     priors = None
@@ -92,7 +101,7 @@ def train(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Pat
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt = run_dir / "ckpt.pt"
     it, elapsed = 0, 0.0
-    recipe = _recipe(cfg, params, data)
+    recipe = _recipe(cfg, params, data, init)
     if ckpt.is_file():
         state = torch.load(ckpt, weights_only=True, map_location=device)
         if "recipe" in state and state["recipe"] != recipe:
@@ -157,7 +166,7 @@ def train(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Pat
         epoch += 1
     wall = time.time() - t0
     log(f"training done: {it} iterations in {wall:.0f}s")
-    return write_entry(cfg, net, out, data, wall, log, command)
+    return write_entry(cfg, net, out, data, wall, log, command, init)
 
 
 def _dataset(data: DomainData, cfg: TrainConfig, cat_ids: list[int], priors) -> CocoInstances | MixedInstances:
@@ -173,7 +182,8 @@ def _dataset(data: DomainData, cfg: TrainConfig, cat_ids: list[int], priors) -> 
     return MixedInstances([one(s.ann, s.images) for s in data.sources], [s.weight for s in data.sources], seed=cfg.seed)
 
 
-def write_entry(cfg: TrainConfig, net: torch.nn.Module, out: Path, data: DomainData, wall: float, log: Log, command: str | None) -> Path:
+def write_entry(cfg: TrainConfig, net: torch.nn.Module, out: Path, data: DomainData, wall: float, log: Log, command: str | None,
+                init: dict | None = None) -> Path:
     """Save fp16 weights, validate the saved (fp16-rounded) weights, write the card."""
     out.mkdir(parents=True, exist_ok=True)
     log_file = Path(cfg.work_dir) / cfg.model_name / "train.log"
@@ -202,6 +212,7 @@ def write_entry(cfg: TrainConfig, net: torch.nn.Module, out: Path, data: DomainD
             "hardware": _hardware(cfg),
             "log": "train.log" if (out / "train.log").is_file() else None,
             "config": cfg.model_dump(mode="json", exclude={"work_dir", "out"}),
+            "init": init,
         },
         license="Apache-2.0",
     )
