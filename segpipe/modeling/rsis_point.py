@@ -122,6 +122,22 @@ def sample_at(features: torch.Tensor, points: torch.Tensor, stride: int) -> torc
 # --- the heads -----------------------------------------------------------------------------------
 
 
+def film_linear(cin: int, width: int) -> nn.Linear:
+    """The FiLM generator: features [B, cin] at the point -> (gamma, beta) [B, 2 x width], started
+    near the identity (weights x 0.1, zero bias)."""
+    lin = nn.Linear(cin, 2 * width)
+    with torch.no_grad():
+        lin.weight.mul_(0.1)
+        lin.bias.zero_()
+    return lin
+
+
+def film(h: torch.Tensor, gamma_beta: torch.Tensor) -> torch.Tensor:
+    """relu(h x (1 + gamma) + beta): ``h`` [B, W, h, w], ``gamma_beta`` [B, 2W] -> [B, W, h, w]."""
+    gamma, beta = gamma_beta.chunk(2, 1)
+    return torch.relu(h * (1.0 + gamma[:, :, None, None]) + beta[:, :, None, None])
+
+
 class PointHeads(nn.Module):
     """The point variant's per-step heads.
 
@@ -143,10 +159,7 @@ class PointHeads(nn.Module):
         if not flat_mask:  # the pyramid head (PyramidMaskHead) emits the masks
             return
         self.mask_in = nn.Conv2d(mask_channels + hidden + side + 3, width, 3, padding=1)
-        self.film = nn.Linear(mask_channels + hidden, 2 * width)
-        with torch.no_grad():
-            self.film.weight.mul_(0.1)
-            self.film.bias.zero_()
+        self.film = film_linear(mask_channels + hidden, width)
         self.mask_out = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(width, 1, 1))
 
     def heat(self, dec: torch.Tensor, hidden: torch.Tensor, side: torch.Tensor | None) -> torch.Tensor:
@@ -158,8 +171,7 @@ class PointHeads(nn.Module):
         coords = relative_coords(points, tuple(dec.shape[-2:]), stride, self.coord_scale)
         parts = [dec, hidden] + ([side] if side is not None else []) + [coords]
         h = self.mask_in(torch.cat(parts, 1))
-        gamma, beta = self.film(sample_at(torch.cat([dec, hidden], 1), points, stride)).chunk(2, 1)
-        h = torch.relu(h * (1.0 + gamma[:, :, None, None]) + beta[:, :, None, None])
+        h = film(h, self.film(sample_at(torch.cat([dec, hidden], 1), points, stride)))
         return self.mask_out(h)[:, 0]
 
 
@@ -182,10 +194,7 @@ class PyramidMaskHead(nn.Module):
         self.coord_scale = coord_scale
         s0 = self.strides[0]
         self.first = nn.Conv2d(channels[s0] + hidden + side + 3, width, 3, padding=1)
-        self.film = nn.Linear(channels[s0] + hidden, 2 * width)
-        with torch.no_grad():
-            self.film.weight.mul_(0.1)
-            self.film.bias.zero_()
+        self.film = film_linear(channels[s0] + hidden, width)
         self.second = nn.Sequential(nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True))
         self.ups = nn.ModuleList()
         cin = width
@@ -204,8 +213,7 @@ class PyramidMaskHead(nn.Module):
 
         s0 = self.strides[0]
         h = self.first(torch.cat([decs[s0], hidden, *at(s0)], 1))
-        gamma, beta = self.film(sample_at(torch.cat([decs[s0], hidden], 1), points, s0)).chunk(2, 1)
-        h = self.second(torch.relu(h * (1.0 + gamma[:, :, None, None]) + beta[:, :, None, None]))
+        h = self.second(film(h, self.film(sample_at(torch.cat([decs[s0], hidden], 1), points, s0))))
         for s, up in zip(self.strides[1:], self.ups):
             h = F.interpolate(h, size=decs[s].shape[-2:], mode="bilinear", align_corners=False)
             h = up(torch.cat([h, decs[s], *at(s)], 1))

@@ -72,15 +72,21 @@ def load_adapter(ref: str, *, device: str = "cpu", zoo: Path = DEFAULT_ZOO) -> t
     """Build the card's network, load its verified weights (safetensors only: never unpickled),
     move to ``device``, eval mode."""
     card, path = load_card(ref, zoo)
-    wpath = verified_weights(card, path)
+    state = load_state(card, path)
     adapter = get_builder(card.builder)(card)
+    adapter.network.load_state_dict(state, strict=True)
+    return adapter.to(device).eval(), card
+
+
+def load_state(card: ModelCard, card_file: Path) -> dict[str, torch.Tensor]:
+    """The card's verified weights as a state dict, floating tensors as float32 (safetensors
+    only: never unpickled). Raises WeightsError on a digest mismatch or a non-safetensors file."""
+    wpath = verified_weights(card, card_file)
     try:
         tensors = load_file(str(wpath))
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
         raise WeightsError(f"{card.name}: weights file {wpath} is not a safetensors file ({type(e).__name__}: {e})") from None
-    state = {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
-    adapter.network.load_state_dict(state, strict=True)
-    return adapter.to(device).eval(), card
+    return {k: v.float() if v.is_floating_point() else v for k, v in tensors.items()}
 
 
 def save_weights(network: torch.nn.Module, path: str | Path, dtype: torch.dtype = torch.float16) -> str:

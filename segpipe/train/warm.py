@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-from safetensors.torch import load_file
 
-from segpipe.modeling.zoo import load_card, verified_weights
+from segpipe.modeling.zoo import load_card, load_state
 
 
 def init_card(ref: str, builder: str):
@@ -23,7 +22,7 @@ def load_init(net: torch.nn.Module, ref: str, builder: str) -> dict:
     initialisation. The card must be of ``builder``. -> the record the new card keeps: the init
     card's version and weights sha256, the count of tensors loaded and the names left fresh."""
     card, path = init_card(ref, builder)
-    tensors = load_file(str(verified_weights(card, path)))
+    tensors = load_state(card, path)
     own = net.state_dict()
     take = {k: v.to(own[k].dtype) for k, v in tensors.items() if k in own and own[k].shape == v.shape}
     if not take:
