@@ -564,6 +564,12 @@ class RSISParams(EmbedNetParams):
                          "that the soft IoU lacks while masks are still blobs)")
     w_step_class: float = Field(1.0, ge=0, description="per-step class cross-entropy weight (classify: pixels)")
     w_stop: float = Field(1.0, ge=0, description="stop binary cross-entropy weight")
+    train_only: Literal["all", "classifier"] = Field("all", description="classifier: train the instance classifier "
+                                                     "alone (needs --init); everything else is frozen in eval mode and "
+                                                     "decodes each batch as at inference, and the classifier learns "
+                                                     "from those instances that match a ground-truth one (mask IoU >= "
+                                                     "0.5, its label) as well as from the ground-truth masks: it meets "
+                                                     "the masks it will be given, not only perfect ones")
 
     @model_validator(mode="after")
     def _levels(self) -> "RSISParams":
@@ -573,6 +579,8 @@ class RSISParams(EmbedNetParams):
             raise ValueError("guided: needs pointer and feed_canvas")
         if self.point and (self.pointer or self.guided or not self.feed_canvas):
             raise ValueError("point: needs feed_canvas and replaces pointer and guided (set those false)")
+        if self.train_only == "classifier" and self.classify != "instances":
+            raise ValueError("train_only: classifier needs the instance classifier (classify: instances)")
         if self.point and self.point_stride > 2 ** (len(self.channels) - 1):
             raise ValueError(f"point_stride: {self.point_stride} is coarser than the decoder's finest-but-one level "
                              f"({2 ** (len(self.channels) - 1)})")
@@ -850,6 +858,9 @@ class TrainConfig(Strict):
             raise ValueError("sources: the ensemble scorer learns from a run (--priors), not from COCO files")
         if self.method == "scorer" and self.priors is None:
             raise ValueError("priors: the ensemble scorer learns from a run over the training images (--priors RUN)")
+        if self.params.get("train_only", "all") != "all" and self.init is None:
+            raise ValueError(f"init: --param train_only={self.params['train_only']} trains one part of a network; the "
+                             "rest must come from a trained card (--init MODEL)")
         return self
 
     @property

@@ -248,6 +248,15 @@ def test_train_rejects_a_bad_init_before_any_work(tmp_path, init, why):
     assert not (tmp_path / "work").exists()
 
 
+@pytest.mark.parametrize("args, why", [(["--param", "train_only=classifier"], "init: --param train_only=classifier trains one part"),
+                                       (["--param", "train_only=classifier", "--param", "classify=pixels", "--init", "rsis-shapes"],
+                                        "train_only: classifier needs the instance classifier")])
+def test_train_only_a_part_needs_an_init_and_that_part(tmp_path, args, why):
+    r = runner.invoke(app, ["train", "rsis", *args, "--work-dir", str(tmp_path / "work"), "--out", str(tmp_path / "m")])
+    assert r.exit_code == 2 and why in r.output
+    assert not (tmp_path / "work").exists()
+
+
 def test_train_rejects_val_seed_equal_train_seed(tmp_path):
     r = runner.invoke(app, ["train", "maskrcnn", "--train-seed", "3", "--val-seed", "3", "--out", str(tmp_path)])
     assert r.exit_code == 2 and "val_seed" in r.output

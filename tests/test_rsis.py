@@ -565,3 +565,90 @@ def test_the_zoo_rsis_models_find_the_objects_of_a_real_image():
         iou = np.asarray(mask_utils.iou(list(out.masks), truth, [0] * len(truth)))
         found, total = found + int((iou.max(0) >= 0.5).sum()), total + len(truth)
     assert found >= 0.6 * total, (found, total)
+
+
+# --- training the instance classifier alone -------------------------------------------------------
+
+
+def test_match_clusters_pairs_each_cluster_with_its_best_instance_at_the_iou():
+    from segpipe.modeling.embed_cluster import Cluster
+    from segpipe.modeling.instance_classifier import match_clusters
+
+    masks = torch.zeros((2, 10, 10), dtype=torch.bool)
+    masks[0, :5, :5] = True
+    masks[1, 5:, 5:] = True
+
+    def cluster(rows, cols):
+        m = np.zeros((10, 10), bool)
+        m[rows, cols] = True
+        ys, xs = np.nonzero(m)
+        return Cluster(ys=ys, xs=xs, score=1.0, label=1, window=(0, 0, 10, 10), prob=m.astype(np.float32))
+
+    clusters = [cluster(slice(0, 5), slice(0, 4)),    # 20 px inside instance 0: IoU 0.8
+                cluster(slice(3, 10), slice(5, 10)),  # 35 px holding all of instance 1: IoU 25 / 35
+                cluster(slice(0, 5), slice(0, 10)),   # 50 px holding all of instance 0: IoU 0.5
+                cluster(slice(5, 10), slice(0, 5)),   # on no instance
+                cluster(slice(0, 4), slice(0, 5))]    # a second one on instance 0: IoU 0.8
+    assert match_clusters(clusters, masks) == [(0, 0), (1, 1), (2, 0), (4, 0)]
+    assert match_clusters(clusters, masks, min_iou=0.6) == [(0, 0), (1, 1), (4, 0)]
+    assert match_clusters(clusters, masks[:0]) == []
+
+
+def _whole_image_net(extra=None):
+    """A tiny classifier-only RSIS whose first step paints the whole image and whose later steps
+    repeat it (so decoding gives exactly one instance: the image)."""
+    net = _tiny(INST | {"train_only": "classifier"} | (extra or {}))
+    with torch.no_grad():
+        net.stop_head.bias.fill_(-20.0)
+        net.stop_head.weight.zero_()
+        net.refine[-1].bias.fill_(20.0)
+        net.refine[-1].weight.zero_()
+    return net
+
+
+def test_train_only_classifier_learns_from_the_decoded_instances():
+    from segpipe.modeling.batching import pad_batch
+
+    net = _whole_image_net().train()
+    image = torch.rand(3, 24, 40)
+    whole = {"masks": torch.ones((1, 24, 40), dtype=torch.uint8), "labels": torch.tensor([2])}
+    small = {"masks": torch.zeros((1, 24, 40), dtype=torch.uint8), "labels": torch.tensor([2])}
+    small["masks"][0, 2:6, 2:6] = 1
+    x = pad_batch([image], net.multiple)
+    decoded = net._decode(x, [(24, 40)])
+    assert len(decoded[0]) == 1 and len(decoded[0][0].ys) == 24 * 40
+    torch.manual_seed(5)
+    losses = net([image], [whole])
+    assert set(losses) == {"loss_class_own", "loss_class"}
+    clf = net.classifier
+    want = torch.nn.functional.cross_entropy(clf(clf.cluster_crops(x[0], decoded[0])), torch.tensor([1]))
+    assert torch.allclose(losses["loss_class_own"], want, atol=1e-6)  # the decoded instance, with its truth's label
+    torch.manual_seed(5)
+    assert torch.allclose(losses["loss_class"], clf.batch_loss(x, [whole]), atol=1e-6)
+    losses = net([image], [small])  # the instance matches no truth (IoU 16 / 960): nothing to learn from it
+    assert float(losses["loss_class_own"].detach()) == 0.0 and float(losses["loss_class"].detach()) > 0
+
+
+def test_train_only_classifier_freezes_everything_else_in_eval_mode():
+    net = _whole_image_net().train()
+    assert net.training and net.classifier.training
+    assert not any(m.training for name, m in net.named_modules() if name and not name.startswith("classifier"))
+    assert {n for n, q in net.named_parameters() if q.requires_grad} == {f"classifier.{n}" for n, _ in net.classifier.named_parameters()}
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    opt = torch.optim.AdamW([q for q in net.parameters() if q.requires_grad], lr=0.1)
+    image = torch.rand(3, 24, 40)
+    target = {"masks": torch.ones((1, 24, 40), dtype=torch.uint8), "labels": torch.tensor([1])}
+    for _ in range(2):
+        opt.zero_grad()
+        sum(net([image], [target]).values()).backward()
+        opt.step()
+    after = net.state_dict()
+    changed = {k for k in after if not torch.equal(after[k], before[k])}
+    assert changed and all(k.startswith("classifier.") for k in changed)  # batch-norm statistics included
+    assert "classifier.fc.weight" in changed and any("running_mean" in k for k in changed)
+    net.eval()
+    assert not any(m.training for m in net.modules())
+    with pytest.raises(ValueError, match="train_only: classifier needs the instance classifier"):
+        _tiny(INST | {"train_only": "classifier"}, num_classes=1)
+    with pytest.raises(ValueError, match="train_only: classifier needs the instance classifier"):
+        RSISParams.model_validate(TINY | {"train_only": "classifier"})

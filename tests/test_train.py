@@ -69,3 +69,29 @@ def test_init_starts_from_a_card_and_the_new_card_records_it(tmp_path):
     with pytest.raises(ValueError, match="init: .* is a maskrcnn model"):
         train(TrainConfig(method="polarmask", iterations=1, out=str(tmp_path / "c"), name="tiny-c", init=str(base),
                           **{k: v for k, v in common.items() if k != "params"}), log=lambda m: None)
+
+
+def test_train_only_classifier_changes_only_the_classifier_and_the_card_says_so(tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    from segpipe.config import ModelCard
+
+    from conftest import TINY_RSIS_PARAMS
+
+    params = TINY_RSIS_PARAMS | {"classify": "instances", "class_crop": 8, "class_channels": [4]}
+    common = dict(method="rsis", batch_size=2, train_n=6, val_n=2, warmup=0, crop=48, work_dir=str(tmp_path / "work"), threads=1)
+    base = train(TrainConfig(iterations=2, out=str(tmp_path / "a"), name="tiny", params=params, **common), log=lambda m: None)
+    logs: list[str] = []
+    card = train(TrainConfig(iterations=3, lr=1e-2, out=str(tmp_path / "b"), name="tiny-cls", init=str(base),
+                             params=params | {"train_only": "classifier"}, **common), log=logs.append)
+    a, b = load_file(str(base.parent / "weights.safetensors")), load_file(str(card.parent / "weights.safetensors"))
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.startswith("classifier.") for k in changed)  # frozen: weights and batch-norm statistics
+    assert "classifier.fc.weight" in changed
+    assert any(line.startswith("training 0.") and "the rest are frozen" in line for line in logs)
+    rec = ModelCard.from_yaml(card)
+    assert rec.params["train_only"] == "classifier" and rec.training.init["card"] == ModelCard.from_yaml(base).version()
+    with pytest.raises(ValueError, match="init: --param train_only=classifier"):
+        TrainConfig(params=params | {"train_only": "classifier"}, **common)
+

@@ -71,11 +71,12 @@ class InstanceClassifier(nn.Module):
         msk = roi_align(masks[:, None].to(image.dtype), rois_m, self.crop, 1.0, 2, True)
         return torch.cat([img, msk * 4.0 - 2.0], 1)
 
-    def batch_loss(self, images: torch.Tensor, targets: Sequence[dict]) -> torch.Tensor:
-        """Mean cross-entropy over every ground-truth instance of a batch, on jittered boxes:
-        ``images`` normalised [B, 3, Hp, Wp]; ``targets`` per image ``masks`` [N, h, w] (h <= Hp,
-        w <= Wp, same top-left) and ``labels`` 1-based [N]. 0 without instances."""
-        crops, labels = [], []
+    def truth_crops(self, images: torch.Tensor, targets: Sequence[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Crops of every non-empty ground-truth instance of a batch on jittered boxes ->
+        (crops [N, 4, crop, crop], 0-based labels int64 [N]). ``images`` normalised [B, 3, Hp,
+        Wp]; ``targets`` per image ``masks`` [N, h, w] (h <= Hp, w <= Wp, same top-left) and
+        ``labels`` 1-based [N]."""
+        crops, labels = [images.new_zeros((0, 4, self.crop, self.crop))], [torch.zeros(0, dtype=torch.int64, device=images.device)]
         for b, t in enumerate(targets):
             masks = t["masks"].to(images.device).bool()
             keep = masks.flatten(1).any(1)
@@ -84,9 +85,19 @@ class InstanceClassifier(nn.Module):
             masks = masks[keep]
             crops.append(self.crops(images[b], masks, jitter_boxes(tight_boxes(masks).to(images.dtype))))
             labels.append(t["labels"].to(images.device)[keep] - 1)
-        if not crops:
-            return self.fc.weight.sum() * 0.0  # a zero that still has a graph
-        return nn.functional.cross_entropy(self(torch.cat(crops)), torch.cat(labels))
+        return torch.cat(crops), torch.cat(labels)
+
+    def loss(self, crops: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of ``crops`` [N, 4, crop, crop] against 0-based ``labels`` [N]; a
+        zero that still has a graph when N = 0."""
+        if labels.numel() == 0:
+            return self.fc.weight.sum() * 0.0
+        return nn.functional.cross_entropy(self(crops), labels)
+
+    def batch_loss(self, images: torch.Tensor, targets: Sequence[dict]) -> torch.Tensor:
+        """Mean cross-entropy over every ground-truth instance of a batch (``truth_crops``); 0
+        without instances."""
+        return self.loss(*self.truth_crops(images, targets))
 
     def cluster_crops(self, image: torch.Tensor, clusters: list[Cluster]) -> torch.Tensor:
         """As ``crops`` for the clusters of one image (each mask built in its own tight frame:
@@ -124,6 +135,23 @@ class InstanceClassifier(nn.Module):
 def tight_boxes(masks: torch.Tensor) -> torch.Tensor:
     """bool [N, H, W] (each non-empty) -> float xyxy [N, 4], half-open pixel edges."""
     return masks_to_boxes(masks) + torch.tensor([0.0, 0.0, 1.0, 1.0], device=masks.device)
+
+
+def match_clusters(clusters: Sequence[Cluster], masks: torch.Tensor, min_iou: float = 0.5) -> list[tuple[int, int]]:
+    """Each cluster's best-overlapping ground-truth instance, when their mask IoU reaches
+    ``min_iou``: ``masks`` bool [N, H, W] (image frame) -> [(cluster index, instance index)]
+    (several clusters may name one instance)."""
+    if masks.shape[0] == 0:
+        return []
+    areas = masks.flatten(1).sum(1).float()
+    out = []
+    for i, c in enumerate(clusters):
+        inter = masks[:, torch.as_tensor(c.ys, device=masks.device), torch.as_tensor(c.xs, device=masks.device)].sum(1).float()
+        iou = inter / (areas + len(c.ys) - inter).clamp(min=1.0)
+        j = int(iou.argmax())
+        if float(iou[j]) >= min_iou:
+            out.append((i, j))
+    return out
 
 
 def uses_classifier(params, num_classes: int) -> bool:

@@ -50,7 +50,7 @@ from segpipe.config import ModelCard, RSISParams
 from segpipe.modeling.batching import pad_batch
 from segpipe.modeling.embed_cluster import Cluster, window
 from segpipe.modeling.embednet import ClusterAdapter, conv_bn_relu, encoder, pad_masks
-from segpipe.modeling.instance_classifier import make_classifier
+from segpipe.modeling.instance_classifier import make_classifier, match_clusters
 from segpipe.modeling.registry import register
 from segpipe.modeling import rsis_point as pt
 
@@ -236,6 +236,21 @@ class RSISNet(nn.Module):
                                                        canvas, params.point_width, params.point_scale)
         self.stop_head = nn.Linear(pooled + (2 if params.foreground else 0) + (1 if params.point else 0), 1)
         self.multiple = max(16, 2 ** len(ch))
+        if params.train_only == "classifier":
+            if self.classifier is None:
+                raise ValueError("train_only: classifier needs the instance classifier (classify: instances and two or "
+                                 f"more classes; this network has {num_classes})")
+            for name, q in self.named_parameters():
+                q.requires_grad_(name.startswith("classifier."))
+
+    def train(self, mode: bool = True) -> "RSISNet":
+        """As ``nn.Module.train``; with ``train_only: classifier`` every part but the classifier
+        stays in eval mode (its batch norms keep their statistics, and it decodes as at inference)."""
+        super().train(mode)
+        if mode and self.params.train_only == "classifier":
+            for child in self.children():
+                child.train(child is self.classifier)
+        return self
 
     def encode(self, x: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor | None]:
         """Normalised padded images [B, 3, Hp, Wp] -> (projected encoder outputs for the LSTM
@@ -347,11 +362,33 @@ class RSISNet(nn.Module):
 
     def forward(self, images: Sequence[torch.Tensor], targets: Sequence[dict] | None = None):
         x = pad_batch(images, self.multiple)
+        sizes = [(int(im.shape[1]), int(im.shape[2])) for im in images]
         if self.training:
             if targets is None:
                 raise ValueError("training mode needs targets")
+            if self.params.train_only == "classifier":
+                return self._own_class_losses(x, sizes, targets)
             return self._losses(x, targets)
-        return self._infer(x, [(int(im.shape[1]), int(im.shape[2])) for im in images])
+        return self._infer(x, sizes)
+
+    def _own_class_losses(self, x: torch.Tensor, sizes: list[tuple[int, int]], targets: Sequence[dict]) -> dict[str, torch.Tensor]:
+        """``train_only: classifier``: the frozen network decodes the batch as at inference; the
+        classifier's cross-entropy on the decoded instances that match a ground-truth instance
+        (``match_clusters``, IoU >= 0.5, that instance's label), cropped exactly as at inference
+        (``loss_class_own``), plus its cross-entropy on the ground-truth masks (``loss_class``)."""
+        p = self.params
+        with torch.no_grad():
+            decoded = self._decode(x, sizes)
+        clf = self.classifier
+        crops = [x.new_zeros((0, 4, clf.crop, clf.crop))]
+        labels = [torch.zeros(0, dtype=torch.int64, device=x.device)]
+        for b, (clusters, t) in enumerate(zip(decoded, targets)):
+            pairs = match_clusters(clusters, t["masks"].to(x.device).bool())
+            if pairs:
+                crops.append(clf.cluster_crops(x[b], [clusters[i] for i, _ in pairs]))
+                labels.append(t["labels"].to(x.device)[torch.as_tensor([j for _, j in pairs], device=x.device)] - 1)
+        own = clf.loss(torch.cat(crops), torch.cat(labels))
+        return {"loss_class_own": p.w_class * own, "loss_class": p.w_class * clf.batch_loss(x, targets)}
 
     def _losses(self, x: torch.Tensor, targets: Sequence[dict]) -> dict[str, torch.Tensor]:
         p = self.params
@@ -634,12 +671,20 @@ class RSISNet(nn.Module):
             hit[torch.arange(b_n, device=x.device), picked["cells"]] = 1.0
             visited |= F.max_pool2d(hit.reshape(b_n, 1, gh, gw), 3, 1, 1)[:, 0] > 0
             canvas = torch.maximum(canvas, binary[:, None].float())
+        return out
+
+    @torch.no_grad()
+    def _infer(self, x: torch.Tensor, sizes: list[tuple[int, int]]) -> list[list[Cluster]]:
+        """Inference: ``_decode``, then (with the instance classifier) each instance named by it."""
+        out = self._decode(x, sizes)
         if self.classifier is not None:
             out = [self.classifier.classify(x[b], clusters) for b, clusters in enumerate(out)]
         return out
 
     @torch.no_grad()
-    def _infer(self, x: torch.Tensor, sizes: list[tuple[int, int]]) -> list[list[Cluster]]:
+    def _decode(self, x: torch.Tensor, sizes: list[tuple[int, int]]) -> list[list[Cluster]]:
+        """The decoder's instances per image (label from the step class head, or 1), before the
+        instance classifier names them."""
         p = self.params
         if p.point:
             return self._point_infer(x, sizes)
@@ -670,8 +715,6 @@ class RSISNet(nn.Module):
                 break
             if canvas is not None:
                 canvas = torch.maximum(canvas, prob[:, None])
-        if self.classifier is not None:
-            out = [self.classifier.classify(x[b], clusters) for b, clusters in enumerate(out)]
         return out
 
     def _instance(self, prob: torch.Tensor, taken: torch.Tensor, confidence: float, cls: torch.Tensor | None) -> Cluster | None:

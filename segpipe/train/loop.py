@@ -98,7 +98,10 @@ def train(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Pat
     ds = _dataset(data, cfg, cat_ids, priors)
     log(f"{cfg.method} on {cfg.domain}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters, "
         f"{len(ds)} training images, crop {cfg.crop}, {cfg.iterations} iterations x batch {cfg.batch_size}")
-    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trained = [q for q in net.parameters() if q.requires_grad]  # all, unless the params freeze a part
+    if len(trained) < len(list(net.parameters())):
+        log(f"training {sum(q.numel() for q in trained) / 1e6:.3f} M of the parameters; the rest are frozen")
+    opt = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     ckpt = run_dir / "ckpt.pt"
     it, elapsed = 0, 0.0
     recipe = _recipe(cfg, params, data, init)
@@ -150,7 +153,7 @@ def train(cfg: TrainConfig, log: Log = print, command: str | None = None) -> Pat
             loss = sum(losses.values())
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(net.parameters(), 10.0)
+            torch.nn.utils.clip_grad_norm_(trained, 10.0)
             opt.step()
             it += 1
             lv = float(loss.detach())
