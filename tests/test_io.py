@@ -312,3 +312,47 @@ def test_decode_decompression_bomb_is_too_large():
     with pytest.raises(DecodeError) as ei:
         decode_image(_png_header_only(20000, 20000), max_pixels=64_000_000)
     assert ei.value.error_type == "too_large"
+
+
+def test_read_parquet_never_lets_arrow_threads_touch_the_python_file():
+    """Handed a Python file object, Arrow reads it from its own IO threads (a buffer holding a
+    Python object can then be released on one at interpreter exit: SIGABRT). ``read_parquet``
+    reads the bytes on the calling thread and gives Arrow its own copy."""
+    import threading
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    from segpipe.io.fs import read_parquet
+
+    class SpyFile(io.BytesIO):
+        def __init__(self, data: bytes, threads: set) -> None:
+            super().__init__(data)
+            self.threads = threads
+
+        def read(self, *a):
+            self.threads.add(threading.get_ident())
+            return super().read(*a)
+
+        def readinto(self, b):
+            self.threads.add(threading.get_ident())
+            return super().readinto(b)
+
+    table = pa.table({"a": list(range(50000)), "b": [str(i) for i in range(50000)]})
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=5000)
+    threads: set = set()
+
+    class SpyFS(MemoryFileSystem):
+        def _open(self, path, mode="rb", **kw):
+            return SpyFile(buf.getvalue(), threads)
+
+    fs = SpyFS()
+    here = threading.get_ident()
+    pq.read_table(fs.open("/t.parquet", "rb"))
+    assert threads - {here}  # what the plain call does: Arrow's threads read the Python file
+    threads.clear()
+    assert read_parquet(fs, "/t.parquet").equals(table)
+    assert read_parquet(fs, "/t.parquet", ["b"]).equals(table.select(["b"]))
+    assert threads == {here}

@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 from typing import Collection, Iterator, Sequence
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from segpipe.config import EnsembleConfig
 from segpipe.ensemble.fuse import Fused, ModelOutput, fuse_images
-from segpipe.io.fs import resolve
+from segpipe.io.fs import read_parquet, resolve
 from segpipe.sinks.tables import SCHEMAS, rows_to_instances
 from segpipe.sinks.writer import read_markers
 
@@ -53,8 +52,7 @@ def shard_predictions(run_uri: str, shards: Collection[int] | None = None) -> It
             continue
         tables = {}
         for t in ("images", "predictions"):
-            with fs.open(f"{root}/{marker['tables'][t]}", "rb") as f:
-                tables[t] = pq.read_table(f).cast(SCHEMAS[t])
+            tables[t] = read_parquet(fs, f"{root}/{marker['tables'][t]}").cast(SCHEMAS[t])
         by_image: dict[int, dict[str, list[dict]]] = defaultdict(lambda: defaultdict(list))
         for r in tables["predictions"].to_pylist():
             by_image[r["image_id"]][r["source"]].append(r)

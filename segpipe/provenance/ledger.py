@@ -20,6 +20,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from segpipe.io.fs import read_parquet
 from segpipe.io.listing import SourceFile
 
 LEDGER = pa.schema(
@@ -91,8 +92,7 @@ def read_rows(fs: fsspec.AbstractFileSystem, root: str) -> list[dict]:
         run_id = rec.rsplit("/", 1)[-1][: -len(".json")]
         path = f"{lab_dir}/{run_id}.parquet"
         if fs.exists(path):
-            with fs.open(path, "rb") as f:
-                out.extend(pq.read_table(f).cast(LEDGER).to_pylist())
+            out.extend(read_parquet(fs, path).cast(LEDGER).to_pylist())
     return out
 
 

@@ -6,7 +6,7 @@ import json
 
 import fsspec
 
-from segpipe.io.fs import resolve
+from segpipe.io.fs import read_parquet, resolve
 from segpipe.sinks.writer import RunWriter, read_markers
 
 
@@ -16,8 +16,6 @@ def write_coco(writer: RunWriter, categories: list[dict], *, relpath: str = "coc
     Image ``file_name`` is the path relative to the source root; ``segpipe_uri`` the full URI.
     Returns counts {"images", "annotations"}.
     """
-    import pyarrow.parquet as pq
-
     fs, root = writer.fs, writer.root
     final = writer.path(relpath)
     tmp = f"{final}.tmp"
@@ -29,8 +27,7 @@ def write_coco(writer: RunWriter, categories: list[dict], *, relpath: str = "coc
         f.write(json.dumps(categories).encode())
         f.write(b', "images": [')
         for _, m in sorted(markers.items()):
-            with fs.open(f"{root}/{m['tables']['images']}", "rb") as g:
-                images = pq.read_table(g).to_pylist()
+            images = read_parquet(fs, f"{root}/{m['tables']['images']}").to_pylist()
             for im in images:
                 if im["status"] != "ok":
                     continue
@@ -39,8 +36,7 @@ def write_coco(writer: RunWriter, categories: list[dict], *, relpath: str = "coc
                 n_img += 1
         f.write(b'], "annotations": [')
         for _, m in sorted(markers.items()):
-            with fs.open(f"{root}/{m['tables']['instances']}", "rb") as g:
-                rows = pq.read_table(g).to_pylist()
+            rows = read_parquet(fs, f"{root}/{m['tables']['instances']}").to_pylist()
             for r in rows:
                 n_ann += 1
                 ann = {

@@ -17,7 +17,7 @@ import fsspec
 import yaml
 
 from segpipe.config import KeepRule, PseudoLabelConfig
-from segpipe.io.fs import resolve
+from segpipe.io.fs import read_parquet, resolve
 from segpipe.sinks.writer import read_manifest, read_markers
 
 BINS = 10  # histogram bins over [0, 1]
@@ -187,13 +187,9 @@ def write_pseudo_labels(run_uri: str, cfg: PseudoLabelConfig, *, out_uri: str | 
 
 def _shards(fs, root: str, markers: dict):
     """Each committed shard's (image rows, {image_id: instance rows}), in shard order."""
-    import pyarrow.parquet as pq
-
     for _, mk in sorted(markers.items()):
-        with fs.open(f"{root}/{mk['tables']['images']}", "rb") as g:
-            images = pq.read_table(g).to_pylist()
-        with fs.open(f"{root}/{mk['tables']['instances']}", "rb") as g:
-            rows = pq.read_table(g, columns=_COLUMNS).to_pylist()
+        images = read_parquet(fs, f"{root}/{mk['tables']['images']}").to_pylist()
+        rows = read_parquet(fs, f"{root}/{mk['tables']['instances']}", _COLUMNS).to_pylist()
         by_image = defaultdict(list)
         for r in rows:
             by_image[r["image_id"]].append(r)

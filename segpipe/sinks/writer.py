@@ -22,7 +22,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from segpipe.io.fs import resolve
+from segpipe.io.fs import read_parquet, resolve
 
 TABLES = ("instances", "predictions", "images", "errors")
 
@@ -162,8 +162,7 @@ def read_committed(output_uri: str, table: str, fs: fsspec.AbstractFileSystem | 
     for shard, m in sorted(read_markers(fs, root).items()):
         if table not in m["tables"] or (shards is not None and shard not in shards):
             continue
-        with fs.open(f"{root}/{m['tables'][table]}", "rb") as f:
-            parts.append(pq.read_table(f, columns=None if columns is None else list(columns)).cast(schema))
+        parts.append(read_parquet(fs, f"{root}/{m['tables'][table]}", columns).cast(schema))
     return pa.concat_tables(parts) if parts else schema.empty_table()
 
 
