@@ -652,3 +652,20 @@ def test_train_only_classifier_freezes_everything_else_in_eval_mode():
         _tiny(INST | {"train_only": "classifier"}, num_classes=1)
     with pytest.raises(ValueError, match="train_only: classifier needs the instance classifier"):
         RSISParams.model_validate(TINY | {"train_only": "classifier"})
+
+
+def test_the_zoo_rsis_shapes_is_rsis_shapes_ft_with_only_its_classifier_retrained():
+    """The committed lineage: rsis-shapes records rsis-shapes-ft (its weights' sha256) as its init
+    and trained only the classifier, so every other tensor, batch-norm statistics included, is
+    rsis-shapes-ft's."""
+    from segpipe.modeling.zoo import load_card, load_state
+
+    card, path = load_card("rsis-shapes")
+    base, base_path = load_card("rsis-shapes-ft")
+    assert card.params["train_only"] == "classifier"
+    assert card.training.init["weights_sha256"] == base.weights.sha256
+    assert card.training.init["card"].endswith("@" + base.version().split("@")[1])
+    new, old = load_state(card, path), load_state(base, base_path)
+    assert new.keys() == old.keys()
+    changed = {k for k in new if not torch.equal(new[k], old[k])}
+    assert changed and all(k.startswith("classifier.") for k in changed)
