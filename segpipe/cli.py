@@ -205,6 +205,9 @@ def _print_summary(result, out_uri: str) -> None:
     typer.echo(f"  images:    {c['images']} ({c['ok']} ok, {c['errors']} errored"
                + (": " + ", ".join(f"{k}={v}" for k, v in sorted(c["errors_by_type"].items())) if c["errors_by_type"] else "") + ")")
     typer.echo(f"  instances: {c['instances']}")
+    for name, b in result.bounds.items():
+        typer.echo(f"  bound:     {name} reached its {b['bound']}-instance bound on {b['images']} image(s): objects past "
+                   f"it are missing. {b['advice']}")
     typer.echo(f"  speed:     {result.images_per_s:.2f} images/s over {result.wall_s:.1f}s wall (Ray start included)")
     if result.stages:
         from segpipe.pipeline.progress import format_stage_table
@@ -881,10 +884,13 @@ def models_eval(
         typer.echo(json.dumps([{"result": n, **st} for n, st in rows]) if as_json else compare_table(rows))
         return
     tiling_cfg = None if tiling_cfg.mode == "off" else tiling_cfg.model_copy(update={"tile": tile or default_tile(card)})
+    at_bound: list[bool] = []
     preds = predict_dataset(adapter, g, image_dir, progress=lambda m: typer.echo(m, err=True),  # stdout stays JSON
-                            tiling=tiling_cfg)
+                            tiling=tiling_cfg, at_bound=at_bound)
     stats = evaluate(g, preds, max_dets=max_dets, boundary=boundary)
     stats["model"] = card.version()
+    stats["instance_bound"], stats["images_at_bound"] = adapter.instance_bound, sum(at_bound)
+    stats["bound_unit"] = "image" if tiling_cfg is None else "tile"
     typer.echo(json.dumps(stats) if as_json else f"{card.version()}\n" + format_table(stats))
 
 

@@ -370,6 +370,8 @@ class ModelCard(Strict):
     weights: WeightsSpec
     training: TrainingRecord | None = None
     metrics: list[MetricsRecord] = Field(default_factory=list)
+    limits: list[str] = Field(default_factory=list, description="known limits in words, e.g. the per-image instance "
+                              "bound and what happens past it (documentation: not part of the version)")
     license: str = "Apache-2.0"
 
     @classmethod

@@ -198,17 +198,23 @@ def format_table(stats: dict) -> str:
         lines.append("  " + "  ".join(f"{k}={stats[k]:.3f}" for k in ["BoundaryAP", "BoundaryAP50", "BoundaryAP75"]))
     for name, ap in stats["per_category"].items():
         lines.append(f"  AP[{name}] = {ap:.3f}")
+    if stats.get("images_at_bound"):
+        where = "images reached" if stats.get("bound_unit", "image") == "image" else "images had a tile that reached"
+        lines.append(f"  {stats['images_at_bound']} of {stats['n_images']} {where} the model's bound of "
+                     f"{stats['instance_bound']} instances per {stats.get('bound_unit', 'image')}: objects past it are missing")
     return "\n".join(lines)
 
 
 def predict_dataset(adapter, gt: COCO, image_dir: str | Path, *, batch_size: int = 4, refiner=None,
-                    unrefined: list[dict] | None = None, progress=None, tiling=None) -> list[dict]:
+                    unrefined: list[dict] | None = None, progress=None, tiling=None,
+                    at_bound: list[bool] | None = None) -> list[dict]:
     """Run an adapter in-process over every gt image (``image_dir`` a path or URI); no Ray.
     With a ``refiner`` (``segpipe.refine.refiner.Refiner``) its refined instances are returned
     and the adapter's own results appended to ``unrefined`` when given. ``progress``: a
     callable that gets a count, rate and ETA line every 10 s. ``tiling`` (a ``TilingConfig``
     with its ``tile`` set) runs the images it selects tile by tile (``segpipe.modeling.tiled``),
-    4 x ``batch_size`` tiles per forward pass."""
+    4 x ``batch_size`` tiles per forward pass. ``at_bound`` gets one flag per image (in image
+    id order): whether it, or one of its tiles, reached the adapter's instance bound."""
     from segpipe.modeling.tiled import needs_tiling, tiled_predict
     from segpipe.pipeline.progress import Ticker
     from PIL import Image
@@ -228,9 +234,21 @@ def predict_dataset(adapter, gt: COCO, image_dir: str | Path, *, batch_size: int
         chunk = infos[s : s + batch_size]
         imgs = [read(im["file_name"]) for im in chunk]
         tiled = [tiling is not None and needs_tiling(img.shape[0], img.shape[1], tiling.tile, tiling) for img in imgs]
-        whole = iter(adapter.predict([img for img, t in zip(imgs, tiled) if not t]) if not all(tiled) else [])
-        preds = [tiled_predict(adapter, img, tiling.tile, tiling, 4 * batch_size) if t else next(whole)
-                 for img, t in zip(imgs, tiled)]
+        hits: list[bool] = []
+        whole_imgs = [img for img, t in zip(imgs, tiled) if not t]
+        whole = iter(adapter.predict(whole_imgs, None, hits) if whole_imgs else [])
+        whole_hits = iter(hits)
+        preds, flags = [], []
+        for img, t in zip(imgs, tiled):
+            if t:
+                one: list[bool] = []
+                preds.append(tiled_predict(adapter, img, tiling.tile, tiling, 4 * batch_size, None, one))
+                flags.append(one[0])
+            else:
+                preds.append(next(whole))
+                flags.append(next(whole_hits))
+        if at_bound is not None:
+            at_bound.extend(flags)
         for im, img, inst in zip(chunk, imgs, preds):
             if refiner is not None:
                 if unrefined is not None:

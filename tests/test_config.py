@@ -355,6 +355,8 @@ def test_card_version_changes_with_weights_and_params():
     # The weights file name is not part of the version, only its content digest.
     renamed = card_data(weights={"file": "elsewhere.safetensors", "sha256": SHA_A})
     assert ModelCard.model_validate(renamed).version() == v
+    # Nor are the limits: they are documentation.
+    assert ModelCard.model_validate(card_data(limits=["At most 100 instances per image."])).version() == v
 
 
 @pytest.mark.parametrize(

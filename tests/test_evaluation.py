@@ -232,6 +232,10 @@ def test_format_table(gt):
     for c in CATEGORIES:
         assert c["name"] in text
     assert "AP=1.000" in text
+    assert "bound" not in text
+    stats |= {"instance_bound": 100, "images_at_bound": 3}
+    assert f"3 of {stats['n_images']} images reached the model's bound of 100 instances per image" in format_table(stats)
+    assert "images had a tile that reached" in format_table(stats | {"bound_unit": "tile"})
 
 
 def _write_output(out: Path, gt, image_ids: list[int], run_id: str = "eval-run", shards: int = 2) -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+
 import json
 
 import pyarrow.parquet as pq
@@ -166,19 +168,22 @@ def test_two_models_fill_predictions_and_the_primary_fills_instances(ray_local, 
 
 
 def test_four_methods_run_side_by_side_one_actor_pool_each(ray_local, tiny_card, shapes_data, tmp_path):
-    """Mask R-CNN, PolarMask, SpatialEmbeddings and the discriminative loss in one workflow."""
+    """Mask R-CNN, PolarMask, SpatialEmbeddings and the discriminative loss in one workflow. The
+    discriminative-loss card is capped at one instance per image: the images that reached that
+    bound are counted, warned about and recorded in the manifest."""
     from conftest import make_embed_card, make_polar_card
 
     from segpipe.config import WorkflowConfig
 
     cards = [make_polar_card(tmp_path / "zoo" / "tiny-polarmask"),
              make_embed_card(tmp_path / "zoo" / "tiny-spatialemb", "spatialemb"),
-             make_embed_card(tmp_path / "zoo" / "tiny-discloss", "discloss")]
+             make_embed_card(tmp_path / "zoo" / "tiny-discloss", "discloss", params={"max_instances": 1})]
     out = tmp_path / "out"
     data = _two_model_cfg(tiny_card, cards[0], shapes_data, out, "models.0.num_cpus=0.4").model_dump(mode="json")
     data["models"][1]["num_cpus"] = 0.4
     data["models"] += [{"model": str(c), "num_cpus": 0.4, "batch_size": 2} for c in cards[1:]]
-    result = run_workflow(WorkflowConfig.model_validate(data), run_id="four", progress=lambda m: None)
+    lines: list[str] = []
+    result = run_workflow(WorkflowConfig.model_validate(data), run_id="four", progress=lines.append)
     assert result.status == "complete" and result.counts["ok"] == 6
     names = ["tiny-maskrcnn", "tiny-polarmask", "tiny-spatialemb", "tiny-discloss"]
     manifest = json.loads((out / "_segpipe" / "run.json").read_text())
@@ -192,6 +197,25 @@ def test_four_methods_run_side_by_side_one_actor_pool_each(ray_local, tiny_card,
         if r["source"] in ("tiny-spatialemb", "tiny-discloss"):
             assert len(r["model_versions"]) == 1 and r["model_versions"][0].startswith(r["source"] + "@")
             assert r["area"] >= 4  # the cards' min_pixels
+    capped = {r["image_id"] for r in preds if r["source"] == "tiny-discloss"}
+    assert counts["tiny-discloss"] == len(capped)  # one instance per image at most
+    assert result.bounds["tiny-discloss"]["bound"] == 1
+    assert manifest["bounds"] == result.bounds
+    from segpipe.modeling.zoo import load_adapter
+
+    for name, card in zip(names, [tiny_card, *cards]):
+        cap = load_adapter(str(card))[0].instance_bound
+        per_image = Counter(r["image_id"] for r in preds if r["source"] == name)
+        full = sum(n >= cap for n in per_image.values())
+        got = result.bounds.get(name, {"images": 0, "bound": cap})
+        assert got["bound"] == cap
+        if name in ("tiny-spatialemb", "tiny-discloss"):  # no filtering after clustering: rows = raw instances
+            assert got["images"] == full, (name, got, per_image)
+        else:  # postprocess may drop empty masks after the cap
+            assert full <= got["images"] <= 6, (name, got, per_image)
+        if got["images"]:
+            assert any(ln.startswith(f"warning: {name}: {got['images']} image(s) reached its bound of {cap} ") for ln in lines)
+    assert result.bounds["tiny-discloss"]["images"] == len(capped) >= 1
 
 
 def test_unknown_primary_and_mismatched_categories_fail_before_any_work(tiny_card, shapes_data, tmp_path):

@@ -183,3 +183,9 @@ def test_every_zoo_card_loads_verified_and_refuses_a_tampered_copy(name, tmp_pat
     with pytest.raises(WeightsError, match="does not match"):
         load_adapter(str(copy / "card.yaml"))
     assert path.parent.parent == DEFAULT_ZOO
+    from segpipe.train.methods import METHODS
+
+    spec = METHODS[card.builder]
+    if spec.limits is not None:  # the card's words match its params and the adapter enforces that bound
+        assert card.limits == spec.limits(spec.params.model_validate(card.params))
+        assert card.limits[0].startswith(f"At most {adapter.instance_bound} instances per image")

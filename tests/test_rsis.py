@@ -158,11 +158,15 @@ def test_inference_stops_on_the_stop_score_or_at_the_bound(stop_bias, steps):
     with torch.no_grad():
         net.stop_head.bias.fill_(stop_bias)
         net.stop_head.weight.zero_()
-    n, out = _count_steps(net, [torch.rand(3, 24, 40)])
+    image = torch.rand(3, 24, 40)
+    n, out = _count_steps(net, [image])
     assert n == steps
     if stop_bias > 0:
         assert out == [[]]
     assert len(out[0]) <= net.params.max_steps
+    exhausted: list[bool] = []
+    net.infer([image, image], exhausted)
+    assert exhausted == [stop_bias < 0] * 2  # only the decoder that never stopped ran out of steps
 
 
 def test_inference_drops_repeats_and_never_overlaps():
@@ -318,6 +322,17 @@ def test_rsis_adapter_contract(tmp_path, extra):
     adapter.network.params = adapter.network.params.model_copy(update={"mask_thresh": 0.3})
     out = check_nonoverlapping_output(adapter, {3, 7}, min_area=p.min_pixels)
     assert all(len(inst) <= p.max_steps for inst in out)
+    assert adapter.instance_bound == p.max_steps
+    flags: list[bool] = []
+    adapter.predict([np.zeros((24, 40, 3), np.uint8)] * 2, at_bound=flags)
+    if not p.point:  # (the point variant also stops when its masks leave no cell to point at)
+        assert flags == [True, True]  # the stop head never fires: every image runs into the bound
+    assert len(flags) == 2
+    with torch.no_grad():
+        adapter.network.stop_head.bias.fill_(20.0)
+    flags = []
+    adapter.predict([np.zeros((24, 40, 3), np.uint8)], at_bound=flags)
+    assert flags == [False]
 
 
 # --- the point variant ---------------------------------------------------------------------------
@@ -530,8 +545,9 @@ def test_point_train_steps_bounds_the_steps_of_a_training_batch():
 
 def test_the_zoo_rsis_models_find_the_objects_of_a_real_image():
     """The committed rsis cards load (verified weights) and segment. On a crowded bundled nuclei
-    val image (151 nuclei), one pass stops at the step bound (100) and the tiled pass at the
-    training crop goes past it (measured: 180 instances, 49 nuclei found at IoU 0.5); on
+    val image (151 nuclei), one pass stops at the step bound (100) and says so; the tiled pass at
+    the training crop goes past it (measured: 180 instances, 49 nuclei found at IoU 0.5) and
+    its tiles rarely reach the bound themselves; on
     generated shapes, rsis-shapes finds objects within its bound (measured: 22 of 29)."""
     import json
 
@@ -543,14 +559,22 @@ def test_the_zoo_rsis_models_find_the_objects_of_a_real_image():
     from segpipe.data.synthetic import SynthSpec, render_scene
     from segpipe.modeling.tiled import default_tile, tiled_predict
     from segpipe.ops import masks as mask_ops
+    from segpipe.ops.tiles import plan_tiles
 
     adapter, card = load_adapter("rsis-nuclei")
     doc = json.loads((NUCLEI_SAMPLE / "annotations.json").read_text())
     im = next(i for i in doc["images"] if i["file_name"] == "f952cc65376009cf.png")
     img = np.array(Image.open(NUCLEI_SAMPLE / "images" / im["file_name"]).convert("RGB"))
     bound = card.params["max_steps"]
-    assert len(adapter.predict([img])[0]) <= bound
-    inst = tiled_predict(adapter, img, default_tile(card), TilingConfig(mode="on"), 16)
+    flags: list[bool] = []
+    assert len(adapter.predict([img], at_bound=flags)[0]) <= bound
+    assert flags == [True]  # one pass runs out of steps on 151 nuclei
+    inst = tiled_predict(adapter, img, default_tile(card), TilingConfig(mode="on"), 16, at_bound=flags)
+    tiles = plan_tiles(*img.shape[:2], default_tile(card), TilingConfig().overlap)
+    per_tile: list[bool] = []
+    adapter.predict([np.ascontiguousarray(img[t.y0:t.y1, t.x0:t.x1]) for t in tiles], at_bound=per_tile)
+    assert flags[1] == any(per_tile) and len(per_tile) == 9
+    assert sum(per_tile) <= 2  # measured: 1 of 9 (a tile over-split into 96 fragments for 27 nuclei)
     truth = [a["segmentation"] for a in doc["annotations"] if a["image_id"] == im["id"]]
     iou = np.asarray(mask_utils.iou(list(inst.masks), truth, [0] * len(truth)))
     assert len(inst) > bound and len(truth) == 151

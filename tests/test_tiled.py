@@ -107,6 +107,34 @@ def test_a_workflow_runs_tiled(ray_local, shapes_data, tmp_path):
     assert res.eval["AP"] > 0.3
 
 
+def test_an_image_reaches_the_bound_when_any_of_its_tiles_does():
+    from segpipe.structures import Instances
+
+    class Crowded:
+        """A stand-in model that finds nothing and says a tile reached its bound when it holds bright pixels."""
+
+        instance_bound = 1
+
+        def reached_bound(self, raw):
+            return raw
+
+        def predict(self, images, at_bound=None):
+            if at_bound is not None:
+                at_bound.extend(bool(im.max() > 0) for im in images)
+            return [Instances(height=im.shape[0], width=im.shape[1]) for im in images]
+
+    img = np.zeros((256, 256, 3), np.uint8)
+    flags: list[bool] = []
+    tiled_predict(Crowded(), img, 128, TilingConfig(mode="on"), batch_size=2, at_bound=flags)
+    img[250:, 250:] = 255  # only the bottom-right tile sees it
+    tiled_predict(Crowded(), img, 128, TilingConfig(mode="on"), batch_size=2, at_bound=flags)
+    tiled_predict(Crowded(), img, 128, TilingConfig(mode="on", full_image=True), batch_size=2, at_bound=flags)
+    img[:] = 0
+    img[0, 0] = 255  # in the corner tile and the downscaled full-image pass
+    tiled_predict(Crowded(), img, 128, TilingConfig(mode="on", full_image=True), batch_size=2, at_bound=flags)
+    assert flags == [False, True, True, True]
+
+
 def test_full_image_pass_adds_objects_larger_than_a_tile(mosaic, maskrcnn):
     """One object spanning four 128-pixel tiles is only cut pieces for the tiles; the downscaled
     whole-image pass sees it whole and its copy is merged in."""
@@ -129,6 +157,9 @@ def test_full_image_pass_adds_objects_larger_than_a_tile(mosaic, maskrcnn):
             return out
 
     img = np.zeros((256, 256, 3), np.uint8)
+    flags: list[bool] = []
+    tiled_predict(Disc(), img, 128, TilingConfig(mode="on"), batch_size=4, at_bound=flags)
+    assert flags == [False]  # a model that cannot tell never reports the bound
     with_full = tiled_predict(Disc(), img, 128, TilingConfig(mode="on", overlap=0.25, full_image=True,
                                                               full_image_min_size=0.5), batch_size=4)
     big = with_full.select(np.nonzero(mask_ops.area(with_full.masks) > 0.3 * 256 * 256)[0])
@@ -161,3 +192,13 @@ def test_models_eval_tiles_the_images_it_is_asked_to(mosaic, maskrcnn, tmp_path)
     assert sorted(map(key, got)) == sorted(map(key, want))
     whole = predict_dataset(adapter, gt, tmp_path / "images")
     assert sorted(map(key, whole)) != sorted(map(key, got))  # untiled, the mosaic gives other predictions
+    bound = adapter.instance_bound
+    flags: list[bool] = []
+    predict_dataset(adapter, gt, tmp_path / "images", tiling=cfg, at_bound=flags)
+    assert bound == 100 and flags == [False, False]  # the card's box_detections_per_img: no image has that many
+    try:
+        adapter.instance_bound = 1  # every image with a detection is "at the bound" now
+        predict_dataset(adapter, gt, tmp_path / "images", tiling=cfg, at_bound=flags)
+    finally:
+        adapter.instance_bound = bound
+    assert flags == [False, False, True, True]

@@ -92,6 +92,8 @@ def test_train_only_classifier_changes_only_the_classifier_and_the_card_says_so(
     assert any(line.startswith("training 0.") and "the rest are frozen" in line for line in logs)
     rec = ModelCard.from_yaml(card)
     assert rec.params["train_only"] == "classifier" and rec.training.init["card"] == ModelCard.from_yaml(base).version()
+    assert len(rec.limits) == 1 and rec.limits[0].startswith(f"At most {params['max_steps']} instances per image "
+                                                            "(params.max_steps")  # the card says what the bound does
     with pytest.raises(ValueError, match="init: --param train_only=classifier"):
         TrainConfig(params=params | {"train_only": "classifier"}, **common)
 

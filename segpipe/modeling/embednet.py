@@ -108,6 +108,7 @@ class ClusterAdapter(ModelAdapter):
 
     params_cls: type[EmbedNetParams] = EmbedNetParams
     build_network: staticmethod
+    bound_param: str | None = "max_instances"  # the params field that caps the clusters per image
 
     def __init__(self, **kw) -> None:
         super().__init__(**kw)
@@ -117,7 +118,8 @@ class ClusterAdapter(ModelAdapter):
     def from_card(cls, card: ModelCard) -> "ClusterAdapter":
         params = cls.params_cls.model_validate(card.params)
         return cls(network=cls.build_network(params=params, num_classes=len(card.categories)),
-                   categories=[c.model_dump() for c in card.categories])
+                   categories=[c.model_dump() for c in card.categories],
+                   instance_bound=getattr(params, cls.bound_param, None) if cls.bound_param else None)
 
     def set_score_threshold(self, value: float) -> None:
         self.score_threshold = float(value)
@@ -128,6 +130,10 @@ class ClusterAdapter(ModelAdapter):
 
     def forward(self, batch: EmbBatch) -> list[list[Cluster]]:
         return self.network([t.to(self.device) for t in batch.tensors])
+
+    def raw_counts(self, raw: list[list[Cluster]]) -> list[int]:
+        """Clusters per image, before the score threshold drops any."""
+        return [len(cl) for cl in raw]
 
     def postprocess(self, raw: list[list[Cluster]], batch: EmbBatch) -> list[Instances]:
         return [self.clusters_to_instances([c for c in cl if c.score >= self.score_threshold], h, w)

@@ -93,7 +93,8 @@ class MaskRCNNAdapter(ModelAdapter):
     def from_card(cls, card: ModelCard) -> "MaskRCNNAdapter":
         params = MaskRCNNParams.model_validate(card.params)
         net = build_network(params=params, num_classes=len(card.categories))
-        return cls(network=net, categories=[c.model_dump() for c in card.categories])
+        return cls(network=net, categories=[c.model_dump() for c in card.categories],
+                   instance_bound=params.box_detections_per_img)
 
     def set_score_threshold(self, value: float) -> None:
         self.network.roi_heads.score_thresh = float(value)
@@ -121,6 +122,10 @@ class MaskRCNNAdapter(ModelAdapter):
                 }
             )
         return out
+
+    def raw_counts(self, raw: list[dict[str, torch.Tensor]]) -> list[int]:
+        """Detections per image after the score threshold, NMS and the ``box_detections_per_img`` cap."""
+        return [int(det["scores"].shape[0]) for det in raw]
 
     def postprocess(self, raw: list[dict[str, torch.Tensor]], batch: MaskRCNNBatch) -> list[Instances]:
         results = []

@@ -217,7 +217,7 @@ class PolarMaskAdapter(ModelAdapter):
     def from_card(cls, card: ModelCard) -> "PolarMaskAdapter":
         params = PolarMaskParams.model_validate(card.params)
         return cls(network=build_network(params=params, num_classes=len(card.categories)),
-                   categories=[c.model_dump() for c in card.categories])
+                   categories=[c.model_dump() for c in card.categories], instance_bound=params.detections_per_img)
 
     def set_score_threshold(self, value: float) -> None:
         self.network.params = self.network.params.model_copy(update={"score_thresh": float(value)})
@@ -229,6 +229,10 @@ class PolarMaskAdapter(ModelAdapter):
     def forward(self, batch: PolarBatch) -> list[dict[str, torch.Tensor]]:
         out = self.network([t.to(self.device) for t in batch.tensors])
         return [{k: v.cpu() for k, v in o.items()} for o in out]
+
+    def raw_counts(self, raw: list[dict[str, torch.Tensor]]) -> list[int]:
+        """Detections per image after the score threshold, NMS and the ``detections_per_img`` cap."""
+        return [int(det["scores"].shape[0]) for det in raw]
 
     def postprocess(self, raw: list[dict[str, torch.Tensor]], batch: PolarBatch) -> list[Instances]:
         results = []

@@ -38,6 +38,7 @@ from training crops to larger images.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -49,9 +50,10 @@ from torch import nn
 from segpipe.config import ModelCard, RSISParams
 from segpipe.modeling.batching import pad_batch
 from segpipe.modeling.embed_cluster import Cluster, window
-from segpipe.modeling.embednet import ClusterAdapter, conv_bn_relu, encoder, pad_masks
+from segpipe.modeling.embednet import ClusterAdapter, EmbBatch, conv_bn_relu, encoder, pad_masks
 from segpipe.modeling.instance_classifier import make_classifier, match_clusters
 from segpipe.modeling.registry import register
+from segpipe.structures import Instances
 from segpipe.modeling import rsis_point as pt
 
 
@@ -371,6 +373,13 @@ class RSISNet(nn.Module):
             return self._losses(x, targets)
         return self._infer(x, sizes)
 
+    @torch.no_grad()
+    def infer(self, images: Sequence[torch.Tensor], exhausted: list[bool] | None = None) -> list[list[Cluster]]:
+        """Eval-mode forward; with ``exhausted``, appends per image whether the decoder was still
+        going when ``max_steps`` ran out (the bound was reached: objects past it are missing)."""
+        x = pad_batch(images, self.multiple)
+        return self._infer(x, [(int(im.shape[1]), int(im.shape[2])) for im in images], exhausted)
+
     def _own_class_losses(self, x: torch.Tensor, sizes: list[tuple[int, int]], targets: Sequence[dict]) -> dict[str, torch.Tensor]:
         """``train_only: classifier``: the frozen network decodes the batch as at inference; the
         classifier's cross-entropy on the decoded instances that match a ground-truth instance
@@ -620,12 +629,13 @@ class RSISNet(nn.Module):
                                  {"heat": p.w_heat})
 
     @torch.no_grad()
-    def _point_infer(self, x: torch.Tensor, sizes: list[tuple[int, int]]) -> list[list[Cluster]]:
+    def _point_infer(self, x: torch.Tensor, sizes: list[tuple[int, int]],
+                     exhausted: list[bool] | None = None) -> list[list[Cluster]]:
         """Point-variant inference: each step takes the heat map's peak among cells that no step
         visited (a 3 x 3 cell neighbourhood per step) and that emitted masks do not cover; an
         image stops at the stop score, when no cell is left, or at ``max_steps``. Score = the
         peak's heat x the instance's mean mask probability (x class probability). The canvas gets
-        the binary masks, as training's gets the binary ground truth."""
+        the binary masks, as training's gets the binary ground truth. ``exhausted``: as ``infer``'s."""
         p = self.params
         enc = self.encode_point(x)
         b_n, hp, wp = x.shape[0], x.shape[2], x.shape[3]
@@ -671,23 +681,25 @@ class RSISNet(nn.Module):
             hit[torch.arange(b_n, device=x.device), picked["cells"]] = 1.0
             visited |= F.max_pool2d(hit.reshape(b_n, 1, gh, gw), 3, 1, 1)[:, 0] > 0
             canvas = torch.maximum(canvas, binary[:, None].float())
+        if exhausted is not None:
+            exhausted.extend(active)  # still going after the last step: stopped by the bound
         return out
 
     @torch.no_grad()
-    def _infer(self, x: torch.Tensor, sizes: list[tuple[int, int]]) -> list[list[Cluster]]:
+    def _infer(self, x: torch.Tensor, sizes: list[tuple[int, int]], exhausted: list[bool] | None = None) -> list[list[Cluster]]:
         """Inference: ``_decode``, then (with the instance classifier) each instance named by it."""
-        out = self._decode(x, sizes)
+        out = self._decode(x, sizes, exhausted)
         if self.classifier is not None:
             out = [self.classifier.classify(x[b], clusters) for b, clusters in enumerate(out)]
         return out
 
     @torch.no_grad()
-    def _decode(self, x: torch.Tensor, sizes: list[tuple[int, int]]) -> list[list[Cluster]]:
+    def _decode(self, x: torch.Tensor, sizes: list[tuple[int, int]], exhausted: list[bool] | None = None) -> list[list[Cluster]]:
         """The decoder's instances per image (label from the step class head, or 1), before the
-        instance classifier names them."""
+        instance classifier names them. ``exhausted``: as ``infer``'s."""
         p = self.params
         if p.point:
-            return self._point_infer(x, sizes)
+            return self._point_infer(x, sizes, exhausted)
         skips, fine, fg = self.encode(x)
         b_n, hp, wp = x.shape[0], x.shape[2], x.shape[3]
         canvas = x.new_zeros((b_n, 1, hp, wp)) if p.feed_canvas else None
@@ -715,6 +727,8 @@ class RSISNet(nn.Module):
                 break
             if canvas is not None:
                 canvas = torch.maximum(canvas, prob[:, None])
+        if exhausted is not None:
+            exhausted.extend(active)  # still going after the last step: stopped by the bound
         return out
 
     def _instance(self, prob: torch.Tensor, taken: torch.Tensor, confidence: float, cls: torch.Tensor | None) -> Cluster | None:
@@ -742,13 +756,41 @@ def build_network(*, params: RSISParams, num_classes: int) -> RSISNet:
     return RSISNet(params, num_classes)
 
 
+@dataclass
+class RSISDecoded:
+    """``RSISAdapter.forward``'s output: per image, its clusters and whether ``max_steps`` ran out."""
+
+    clusters: list[list[Cluster]]
+    exhausted: list[bool]
+
+    def __len__(self) -> int:
+        return len(self.clusters)
+
+
 class RSISAdapter(ClusterAdapter):
-    """Instances from RSIS, one per decoder step (at most ``max_steps`` per image). ``mask_probs``
-    samples the step's mask probabilities (zero where earlier steps took the pixel) into the box
-    frame; the score threshold drops instances after decoding."""
+    """Instances from RSIS, one per decoder step (at most ``max_steps`` per image: the instance
+    bound). ``mask_probs`` samples the step's mask probabilities (zero where earlier steps took
+    the pixel) into the box frame; the score threshold drops instances after decoding. An image
+    reached the bound when its decoder had not stopped after ``max_steps`` steps (repeats and
+    specks are dropped, so it may hold fewer than ``max_steps`` instances)."""
 
     params_cls = RSISParams
     build_network = staticmethod(build_network)
+    bound_param = "max_steps"
+
+    def forward(self, batch: EmbBatch) -> RSISDecoded:
+        exhausted: list[bool] = []
+        clusters = self.network.infer([t.to(self.device) for t in batch.tensors], exhausted)
+        return RSISDecoded(clusters, exhausted)
+
+    def raw_counts(self, raw: RSISDecoded) -> list[int]:
+        return [len(cl) for cl in raw.clusters]
+
+    def reached_bound(self, raw: RSISDecoded) -> list[bool]:
+        return list(raw.exhausted)
+
+    def postprocess(self, raw: RSISDecoded, batch: EmbBatch) -> list[Instances]:
+        return super().postprocess(raw.clusters, batch)
 
 
 @register("rsis")

@@ -38,30 +38,42 @@ def needs_tiling(height: int, width: int, tile: int, cfg: TilingConfig) -> bool:
 
 
 def tiled_predict(adapter, image: np.ndarray, tile: int, cfg: TilingConfig, batch_size: int,
-                  timings: dict[str, float] | None = None) -> Instances:
+                  timings: dict[str, float] | None = None, at_bound: list[bool] | None = None) -> Instances:
     """uint8 [H, W, 3] -> Instances in image coordinates, predicted tile by tile and merged
     (plus the downscaled full-image pass's large objects with ``cfg.full_image``). ``timings``:
-    as ``ModelAdapter.predict``'s, summed over the tile batches."""
+    as ``ModelAdapter.predict``'s, summed over the tile batches. ``at_bound``: gets one flag for
+    the image, whether any tile (or the full-image pass) reached the adapter's instance bound."""
     h, w = image.shape[:2]
     tiles = plan_tiles(h, w, tile, cfg.overlap)
     preds: list[Instances] = []
+    flags: list[bool] | None = [] if at_bound is not None else None
     for i in range(0, len(tiles), batch_size):
         chunk = tiles[i:i + batch_size]
-        preds.extend(_predict(adapter, [np.ascontiguousarray(image[t.y0:t.y1, t.x0:t.x1]) for t in chunk], timings))
+        preds.extend(_predict(adapter, [np.ascontiguousarray(image[t.y0:t.y1, t.x0:t.x1]) for t in chunk], timings, flags))
     merged = merge_tiles(list(zip(tiles, preds)), h, w, ios_thresh=cfg.ios_thresh)
     if not cfg.full_image:
+        if at_bound is not None:
+            at_bound.append(any(flags))
         return merged
     scale = tile / max(h, w)
     small = resize(image, max(1, round(h * scale)), max(1, round(w * scale)))
-    coarse = upscale(_predict(adapter, [small], timings)[0], h, w)
+    coarse = upscale(_predict(adapter, [small], timings, flags)[0], h, w)
+    if at_bound is not None:
+        at_bound.append(any(flags))
     side = np.maximum(coarse.boxes[:, 2] - coarse.boxes[:, 0], coarse.boxes[:, 3] - coarse.boxes[:, 1])
     large = coarse.select(np.nonzero(side > cfg.full_image_min_size * tile)[0])
     return merge_greedy(concat([merged, large], h, w), cfg.ios_thresh)
 
 
-def _predict(adapter, images: list[np.ndarray], timings: dict[str, float] | None) -> list[Instances]:
-    """``adapter.predict``, passing ``timings`` only when asked (any object with ``predict(images)`` works)."""
-    return adapter.predict(images) if timings is None else adapter.predict(images, timings)
+def _predict(adapter, images: list[np.ndarray], timings: dict[str, float] | None,
+             at_bound: list[bool] | None = None) -> list[Instances]:
+    """``adapter.predict``, passing ``timings`` and ``at_bound`` only when asked (any object with
+    ``predict(images)`` works; one without ``reached_bound`` never reports the bound)."""
+    if at_bound is not None and not hasattr(adapter, "reached_bound"):
+        at_bound.extend([False] * len(images))
+        at_bound = None
+    kw = {k: v for k, v in (("timings", timings), ("at_bound", at_bound)) if v is not None}
+    return adapter.predict(images, **kw)
 
 
 def resize(image: np.ndarray, h: int, w: int) -> np.ndarray:

@@ -48,6 +48,7 @@ class RunResult:
     stages: list[dict] = field(default_factory=list)  # progress.stage_table: per-stage account
     efficiency: dict | None = None
     pseudo: dict | None = None  # the pseudo-label set's dataset card (workflow pseudo_label)
+    bounds: dict = field(default_factory=dict)  # per model that hit it: {"bound", "images"} (``bound_account``)
 
 
 @dataclass
@@ -62,6 +63,8 @@ class StreamStats:
     first_row_s: float | None = None  # from the start of streaming to the first row
     exec_wall_s: float = 0.0  # from the start of streaming to the last row
     done: int = 0  # images committed so far
+    at_bound: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # per model: images that reached its bound
+    bound: dict[str, int] = field(default_factory=dict)  # per model: its instance bound, as the model stage reported it
 
 
 NON_MODEL_STAGES = ("read", "decode", "ensemble", "refine", "write")
@@ -262,6 +265,10 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
         if started_ray:
             ray.shutdown()
 
+    bounds = bound_account(stats, cfg.tiling.mode)
+    for name, b in bounds.items():
+        progress(f"warning: {name}: {b['images']} image(s) reached its bound of {b['bound']} instances per "
+                 f"{'tile' if cfg.tiling.mode != 'off' else 'image'}; objects past it are missing. {b['advice']}")
     markers = read_markers(writer.fs, writer.root)
     counts = _totals(markers)
     processed_now = sum(int(mk["counts"]["images"]) for s, mk in markers.items() if s not in committed)
@@ -293,6 +300,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
         run_id=run_id, output_uri=cfg.output.uri, status=status, counts=counts, wall_s=wall,
         images_per_s=processed_now / wall if wall > 0 else 0.0, stage_ms=dict(stage_ms), stage_cpu_ms=dict(stats.stage_cpu_ms),
         eval=eval_stats, reason=reason, skipped_shards=sorted(committed), stages=stages, efficiency=efficiency,
+        bounds=bounds,
     )
     manifest = {
         "run_id": run_id,
@@ -318,6 +326,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
         "shards": sorted(markers),
         "resumed_shards": sorted(committed),
         "duplicate_rows_dropped": dropped,
+        "bounds": bounds,
         "outputs": {"tables": ["instances", "predictions", "images", "errors"], "instances_source": source,
                     "refined_by": refiner.version if refiner else None,
                     "coco": "coco/instances.json" if coco_counts else None},
@@ -339,6 +348,15 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
         progress(f"ledger: run {run_id} labeled {rec['counts']['labeled']} inputs ({rec['counts']['model_runs']} model runs); "
                  f"{rec['counts']['skipped']} skipped as already labeled")
     return result
+
+
+def bound_account(stats: StreamStats, tiling_mode: str) -> dict[str, dict]:
+    """Per model whose instance bound was reached in this invocation's images: the bound, how
+    many images reached it, and what to do about it (tile, or a smaller tile when tiling)."""
+    advice = ("Tile crowded images (workflow tiling.mode: auto or on)." if tiling_mode == "off"
+              else "A smaller tiling.tile gives each tile fewer objects" + (" (mode auto leaves images under "
+                                                                             "auto_factor x the tile whole)." if tiling_mode == "auto" else "."))
+    return {name: {"bound": stats.bound[name], "images": n, "advice": advice} for name, n in sorted(stats.at_bound.items()) if n}
 
 
 def _start_progress(cfg: WorkflowConfig, models: list[_Model], refiner: _Model | None, total: int,
@@ -566,6 +584,10 @@ def _consume(cfg, ds, writer, run_id, models, primary, refiner, expected, stats:
             forward_ms[m.card.name] += float(row[f"fwd:{m.card.name}"])
             stats.forward_cpu_ms[m.card.name] += float(row[f"cpu:{m.card.name}"])
             stats.stage_cpu_ms[m.card.name] += float(row[f"cpu_ms:{m.card.name}"])
+            cap = int(row.get(f"bound:{m.card.name}", 0))
+            if cap:
+                stats.at_bound[m.card.name] += 1
+                stats.bound[m.card.name] = cap
         if cfg.ensemble is not None:
             stage_ms["ensemble"] += float(row["ms:ensemble"])
             stats.stage_cpu_ms["ensemble"] += float(row["cpu_ms:ensemble"])

@@ -5,7 +5,9 @@ Rows carry the listing columns (uri, image_id, relpath, size, tag, index, shard)
 columns ``error_stage``/``error_type``/``error_message`` ('' when ok), and per model
 ``pred:<model>`` (Instances.to_bytes(); b'' when not predicted), ``ms:<model>`` (the image's
 share of the model stage's wall ms), ``fwd:<model>`` (of which the network's forward) and
-``cpu:<model>`` (the CPU ms of that forward, all threads of the actor's process); with an
+``cpu:<model>`` (the CPU ms of that forward, all threads of the actor's process),
+``bound:<model>`` (the model's instance bound when the image, or one of its tiles, reached it,
+else 0: objects past it may be missing); with an
 ensemble, ``pred:ensemble`` / ``meta:ensemble`` (``ensemble.fuse.encode_fused``) and ``ms:ensemble``.
 ``ms:read`` is fetching the bytes (and hashing them), ``ms:decode`` decoding them.
 
@@ -170,20 +172,26 @@ class ModelStage:
         tiled = [i for i in ok if self._tiles(batch["image"][i])]
         ok = [i for i in ok if i not in tiled]
         preds = [b""] * n if cached is None else [batch[f"pred:{self.name}"][i] if cached[i] else b"" for i in range(n)]
+        bound = np.zeros(n, np.int64)
+        cap = self.adapter.instance_bound or 0
         t_batch = time.perf_counter()
 
         def predict(rows: list[int]) -> dict[str, float]:
             steps: dict[str, float] = {}
-            for i, inst in zip(rows, self.adapter.predict([batch["image"][i] for i in rows], steps)):
+            flags: list[bool] = []
+            for i, inst, hit in zip(rows, self.adapter.predict([batch["image"][i] for i in rows], steps, flags), flags):
                 preds[i] = inst.to_bytes()
+                bound[i] = cap if hit else 0
             return steps
 
         def predict_tiled(rows: list[int]) -> dict[str, float]:
             from segpipe.modeling.tiled import tiled_predict
 
             steps: dict[str, float] = {}
+            flags: list[bool] = []
             preds[rows[0]] = tiled_predict(self.adapter, batch["image"][rows[0]], self.tile, self.tiling, self.batch_size,
-                                           steps).to_bytes()
+                                           steps, flags).to_bytes()
+            bound[rows[0]] = cap if flags[0] else 0
             return steps
 
         if ok:
@@ -196,6 +204,7 @@ class ModelStage:
         out[f"fwd:{self.name}"] = log.fwd
         out[f"cpu:{self.name}"] = log.fwd_cpu
         out[f"cpu_ms:{self.name}"] = log.cpu_ms  # the whole predict's process CPU ms (pre/post-processing included)
+        out[f"bound:{self.name}"] = bound
         out.update(log.errors())
         _report(self.meter, self.name, n, (time.perf_counter() - t_batch) * 1000)
         return out

@@ -217,6 +217,7 @@ def write_entry(cfg: TrainConfig, net: torch.nn.Module, out: Path, data: DomainD
             "config": cfg.model_dump(mode="json", exclude={"work_dir", "out"}),
             "init": init,
         },
+        limits=method.limits(method.params.model_validate(cfg.params)) if method.limits else [],
         license="Apache-2.0",
     )
     # Validate the weights exactly as shipped (fp16 round trip).

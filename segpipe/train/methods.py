@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from pydantic import BaseModel
@@ -20,6 +20,35 @@ class MethodSpec:
     family: str
     paper: str
     ignore_regions: bool = False  # its loss honours targets' ``ignore`` (crowd annotations); else they are background
+    limits: Callable[[Any], list[str]] | None = None  # the card's ``limits`` from its validated params
+
+
+_TILE = ("Crowded images: tile them (a workflow's tiling.mode auto or on; segpipe models eval --tiling on), "
+         "so that each tile gets its own bound; tiles are merged before the ensemble. segpipe run and segpipe "
+         "models eval count the images (or tiles) that reach the bound and warn.")
+
+
+def _detections_limit(field: str) -> Callable[[Any], list[str]]:
+    def limits(params) -> list[str]:
+        n = getattr(params, field)
+        return [f"At most {n} instances per image (params.{field}): after NMS the {n} highest-scoring detections "
+                f"are kept and the rest are dropped. {_TILE}"]
+
+    return limits
+
+
+def _cluster_limit(params) -> list[str]:
+    n = params.max_instances
+    return [f"At most {n} instances per image (params.max_instances): clustering stops after {n} instances and "
+            f"the pixels left unclaimed stay background. {_TILE}"]
+
+
+def _rsis_limit(params) -> list[str]:
+    n = params.max_steps
+    return [f"At most {n} instances per image (params.max_steps, the decoder's step bound): the decoder emits one "
+            f"instance per step and stops at its stop score or after {n} steps; objects it has not reached by step "
+            f"{n} are not found (no error, no partial instance), and repeats or specks it drops still use a step. "
+            + _TILE]
 
 
 def _maskrcnn(**kw):
@@ -66,19 +95,22 @@ def _scorer(*, params, num_classes: int = 1):
 
 METHODS: dict[str, MethodSpec] = {
     "maskrcnn": MethodSpec(MaskRCNNParams, _maskrcnn, "maskrcnn", "detection",
-                           "Mask R-CNN, He, Gkioxari, Dollar, Girshick, ICCV 2017 (arXiv:1703.06870)"),
+                           "Mask R-CNN, He, Gkioxari, Dollar, Girshick, ICCV 2017 (arXiv:1703.06870)",
+                           limits=_detections_limit("box_detections_per_img")),
     "polarmask": MethodSpec(PolarMaskParams, _polarmask, "polarmask", "single-shot polar",
                             "PolarMask: Single Shot Instance Segmentation with Polar Representation, "
-                            "Xie et al., CVPR 2020 (arXiv:1909.13226)", ignore_regions=True),
+                            "Xie et al., CVPR 2020 (arXiv:1909.13226)", ignore_regions=True,
+                            limits=_detections_limit("detections_per_img")),
     "spatialemb": MethodSpec(SpatialEmbParams, _spatialemb, "spatialemb", "embedding",
                              "Instance Segmentation by Jointly Optimizing Spatial Embeddings and Clustering Bandwidth, "
-                             "Neven, De Brabandere, Proesmans, Van Gool, CVPR 2019 (arXiv:1906.11109)"),
+                             "Neven, De Brabandere, Proesmans, Van Gool, CVPR 2019 (arXiv:1906.11109)",
+                             limits=_cluster_limit),
     "discloss": MethodSpec(DiscLossParams, _discloss, "discloss", "embedding",
                            "Semantic Instance Segmentation with a Discriminative Loss Function, "
-                           "De Brabandere, Neven, Van Gool, CVPR-W 2017 (arXiv:1708.02551)"),
+                           "De Brabandere, Neven, Van Gool, CVPR-W 2017 (arXiv:1708.02551)", limits=_cluster_limit),
     "rsis": MethodSpec(RSISParams, _rsis, "rsis", "recurrent",
                        "Recurrent Neural Networks for Semantic Instance Segmentation, Salvador, Bellver, Campos, Baradad, "
-                       "Marques, Torres, Giro-i-Nieto, 2017 (arXiv:1712.00617)"),
+                       "Marques, Torres, Giro-i-Nieto, 2017 (arXiv:1712.00617)", limits=_rsis_limit),
     "pointrend": MethodSpec(PointRendParams, _pointrend, "pointrend", "refinement",
                             "PointRend: Image Segmentation as Rendering, Kirillov, Wu, He, Girshick, CVPR 2020 "
                             "(arXiv:1912.08193); model-agnostic: its own feature network"),
