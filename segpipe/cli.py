@@ -206,8 +206,8 @@ def _print_summary(result, out_uri: str) -> None:
                + (": " + ", ".join(f"{k}={v}" for k, v in sorted(c["errors_by_type"].items())) if c["errors_by_type"] else "") + ")")
     typer.echo(f"  instances: {c['instances']}")
     for name, b in result.bounds.items():
-        typer.echo(f"  bound:     {name} reached its {b['bound']}-instance bound on {b['images']} image(s): objects past "
-                   f"it are missing. {b['advice']}")
+        typer.echo(f"  bound:     {name} reached its bound of {b['bound']} instances per {b['per']} on {b['images']} "
+                   f"image(s): objects past it are missing. {b['advice']}")
     typer.echo(f"  speed:     {result.images_per_s:.2f} images/s over {result.wall_s:.1f}s wall (Ray start included)")
     if result.stages:
         from segpipe.pipeline.progress import format_stage_table

@@ -783,9 +783,6 @@ class RSISAdapter(ClusterAdapter):
         clusters = self.network.infer([t.to(self.device) for t in batch.tensors], exhausted)
         return RSISDecoded(clusters, exhausted)
 
-    def raw_counts(self, raw: RSISDecoded) -> list[int]:
-        return [len(cl) for cl in raw.clusters]
-
     def reached_bound(self, raw: RSISDecoded) -> list[bool]:
         return list(raw.exhausted)
 

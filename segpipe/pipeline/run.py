@@ -48,7 +48,7 @@ class RunResult:
     stages: list[dict] = field(default_factory=list)  # progress.stage_table: per-stage account
     efficiency: dict | None = None
     pseudo: dict | None = None  # the pseudo-label set's dataset card (workflow pseudo_label)
-    bounds: dict = field(default_factory=dict)  # per model that hit it: {"bound", "images"} (``bound_account``)
+    bounds: dict = field(default_factory=dict)  # per model that hit it: {"bound", "per", "images", "advice"} (``bound_account``)
 
 
 @dataclass
@@ -268,7 +268,7 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
     bounds = bound_account(stats, cfg.tiling.mode)
     for name, b in bounds.items():
         progress(f"warning: {name}: {b['images']} image(s) reached its bound of {b['bound']} instances per "
-                 f"{'tile' if cfg.tiling.mode != 'off' else 'image'}; objects past it are missing. {b['advice']}")
+                 f"{b['per']}; objects past it are missing. {b['advice']}")
     markers = read_markers(writer.fs, writer.root)
     counts = _totals(markers)
     processed_now = sum(int(mk["counts"]["images"]) for s, mk in markers.items() if s not in committed)
@@ -351,12 +351,15 @@ def run_workflow(cfg: WorkflowConfig, *, run_id: str | None = None, progress: Pr
 
 
 def bound_account(stats: StreamStats, tiling_mode: str) -> dict[str, dict]:
-    """Per model whose instance bound was reached in this invocation's images: the bound, how
-    many images reached it, and what to do about it (tile, or a smaller tile when tiling)."""
-    advice = ("Tile crowded images (workflow tiling.mode: auto or on)." if tiling_mode == "off"
-              else "A smaller tiling.tile gives each tile fewer objects" + (" (mode auto leaves images under "
-                                                                             "auto_factor x the tile whole)." if tiling_mode == "auto" else "."))
-    return {name: {"bound": stats.bound[name], "images": n, "advice": advice} for name, n in sorted(stats.at_bound.items()) if n}
+    """Per model whose instance bound was reached in this invocation's images: the bound, what it
+    applies to (``per``: an image, or with tiling an image or tile), how many images reached it,
+    and what to do about it."""
+    if tiling_mode == "off":
+        per, advice = "image", "Tile crowded images (workflow tiling.mode: auto or on)."
+    else:
+        per, advice = "image or tile", "A smaller tiling.tile gives each tile fewer objects."
+    return {name: {"bound": stats.bound[name], "per": per, "images": n, "advice": advice}
+            for name, n in sorted(stats.at_bound.items()) if n}
 
 
 def _start_progress(cfg: WorkflowConfig, models: list[_Model], refiner: _Model | None, total: int,
