@@ -561,7 +561,7 @@ def test_the_zoo_rsis_models_find_the_objects_of_a_real_image():
     from segpipe.ops import masks as mask_ops
     from segpipe.ops.tiles import plan_tiles
 
-    adapter, card = load_adapter("rsis-nuclei")
+    adapter, card = load_adapter("rsis-nuclei-base")  # the measured numbers below are its
     doc = json.loads((NUCLEI_SAMPLE / "annotations.json").read_text())
     im = next(i for i in doc["images"] if i["file_name"] == "f952cc65376009cf.png")
     img = np.array(Image.open(NUCLEI_SAMPLE / "images" / im["file_name"]).convert("RGB"))
@@ -693,3 +693,18 @@ def test_the_zoo_rsis_shapes_is_rsis_shapes_ft_with_only_its_classifier_retraine
     assert new.keys() == old.keys()
     changed = {k for k in new if not torch.equal(new[k], old[k])}
     assert changed and all(k.startswith("classifier.") for k in changed)
+
+
+def test_the_zoo_rsis_nuclei_is_rsis_nuclei_base_fine_tuned_whole():
+    """The committed lineage: rsis-nuclei records rsis-nuclei-base (its weights' sha256) as its
+    init, every tensor loaded from it, with the same architecture; the fine-tune changed them."""
+    from segpipe.modeling.zoo import load_card, load_state
+
+    card, path = load_card("rsis-nuclei")
+    base, base_path = load_card("rsis-nuclei-base")
+    assert RSISParams.model_validate(card.params) == RSISParams.model_validate(base.params)  # defaults included
+    init = card.training.init
+    assert init["weights_sha256"] == base.weights.sha256 and init["card"] == base.version()
+    new, old = load_state(card, path), load_state(base, base_path)
+    assert new.keys() == old.keys() and init["loaded"] == len(old) and init["fresh"] == []
+    assert any(not torch.equal(new[k], old[k]) for k in new)
